@@ -1,0 +1,96 @@
+"""The Lightning-compatible ``.ckpt`` format: build it on a rank, save it, restore it.
+
+The dict has Lightning 2.x's keys (``epoch``, ``global_step``, ``state_dict``,
+``optimizer_states``, ``lr_schedulers``, ``callbacks``, ``hyper_parameters``, ...),
+so ``pytorch_lightning`` can read what raylight writes. raylight's own position data
+lives under the ``raylight`` key.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from raylight import hooks
+
+LIGHTNING_VERSION = "2.6.0"  # the format version pytorch-lightning readers check
+RAYLIGHT_VERSION = "0.1.0"
+
+
+def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
+    module = trainer.lightning_module
+    checkpoint: dict[str, Any] = {
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "pytorch-lightning_version": LIGHTNING_VERSION,
+        "raylight_version": RAYLIGHT_VERSION,
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "loops": {},
+        "raylight": {"batches_that_stepped": trainer._batches_that_stepped},
+    }
+    if not weights_only:
+        checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
+        checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
+        checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
+        hooks.call(trainer, "on_save_checkpoint", checkpoint)
+    if module.hparams:
+        checkpoint["hparams_name"] = module._hparams_name
+        checkpoint["hyper_parameters"] = dict(module.hparams)
+    if trainer.datamodule is not None:
+        checkpoint[type(trainer.datamodule).__qualname__] = trainer.datamodule.state_dict()
+    return checkpoint
+
+
+def save(checkpoint: dict[str, Any], filepath: str) -> None:
+    """Write atomically: a reader sees the old file or the whole new one, never a part."""
+    directory = os.path.dirname(os.path.abspath(filepath))
+    os.makedirs(directory, exist_ok=True)
+    partial = f"{filepath}.partial-{os.getpid()}"
+    torch.save(checkpoint, partial)
+    os.replace(partial, filepath)
+
+
+def save_from_rank(trainer: Any, filepath: str, weights_only: bool = False) -> None:
+    """Every rank builds (hooks may run collectives); rank 0 writes; all wait for it."""
+    checkpoint = build(trainer, weights_only)
+    if trainer.is_global_zero:
+        save(checkpoint, filepath)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load(filepath: str) -> dict[str, Any]:
+    if not os.path.exists(filepath):
+        raise FileNotFoundError(f"Checkpoint at {filepath} not found: check ckpt_path.")
+    try:
+        return torch.load(filepath, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise RuntimeError(
+            f"Checkpoint at {filepath} could not be read ({type(error).__name__}: {error}). "
+            "It is truncated, corrupt or holds custom objects that weights_only loading refuses."
+        ) from error
+
+
+def restore(trainer: Any, filepath: str, stage: str) -> None:
+    """Lightning's order: weights, ``on_load_checkpoint``, callbacks, optimizers, progress."""
+    checkpoint = load(filepath)
+    module = trainer.lightning_module
+    module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
+    hooks.call_module(trainer, "on_load_checkpoint", checkpoint)
+    if stage != "fit":
+        return
+    states = checkpoint.get("callbacks", {})
+    for callback in trainer.callbacks:
+        if callback.state_key in states:
+            callback.load_state_dict(states[callback.state_key])
+    for optimizer, state in zip(trainer.optimizers, checkpoint.get("optimizer_states", []), strict=False):
+        optimizer.load_state_dict(state)
+    for config, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", []), strict=False):
+        config.scheduler.load_state_dict(state)
+    trainer.global_step = checkpoint["global_step"]
+    trainer.current_epoch = checkpoint["epoch"] + 1
+    trainer._batches_that_stepped = checkpoint.get("raylight", {}).get(
+        "batches_that_stepped", checkpoint["global_step"])

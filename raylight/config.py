@@ -1,0 +1,214 @@
+"""The Trainer's flags, checked once on the driver and shipped to every worker.
+
+Names and defaults are Lightning 2.x's. The scaling flags come in Ray's spelling
+(``num_workers``, ``use_gpu``, ``resources_per_worker``) or Lightning's
+(``accelerator``, ``devices``, ``num_nodes``); both resolve to the same ``Scaling``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+_PRECISIONS = {
+    "32-true": "32-true",
+    "32": "32-true",
+    32: "32-true",
+    "bf16-mixed": "bf16-mixed",
+    "bf16": "bf16-mixed",
+    "16-mixed": "16-mixed",
+    "16": "16-mixed",
+    16: "16-mixed",
+}
+
+
+class MisconfigurationException(ValueError):
+    """A Trainer flag or a user hook returned something the Trainer cannot use."""
+
+
+@dataclass(frozen=True)
+class Scaling:
+    num_workers: int
+    use_gpu: bool
+    resources_per_worker: dict[str, float]
+
+    @property
+    def cpus_per_worker(self) -> int:
+        return max(1, int(self.resources_per_worker.get("CPU", 1)))
+
+    def bundle(self) -> dict[str, float]:
+        bundle = dict(self.resources_per_worker)
+        bundle.setdefault("CPU", 1.0)
+        if self.use_gpu:
+            bundle.setdefault("GPU", 1.0)
+        return bundle
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 1000
+    min_epochs: int = 0
+    max_steps: int = -1
+    limit_train_batches: int | float = 1.0
+    limit_val_batches: int | float = 1.0
+    limit_test_batches: int | float = 1.0
+    limit_predict_batches: int | float = 1.0
+    val_check_interval: int | float = 1.0
+    check_val_every_n_epoch: int | None = 1
+    num_sanity_val_steps: int = 2
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str | None = None
+    precision: str = "32-true"
+    log_every_n_steps: int = 50
+    fast_dev_run: int = 0
+    deterministic: bool = False
+    default_root_dir: str = field(default_factory=os.getcwd)
+    use_distributed_sampler: bool = True
+    inference_mode: bool = True
+    process_group_timeout_s: float = 1800.0
+    global_seed: int | None = None
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MisconfigurationException(
+            f"Trainer({name}={value!r}) is out of range: it takes an int >= {minimum}."
+        )
+    return value
+
+
+def _check_limit(name: str, value: Any) -> int | float:
+    if isinstance(value, bool):
+        raise MisconfigurationException(f"Trainer({name}={value!r}): use an int or a float.")
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, float) and 0.0 <= value <= 1.0:
+        return value
+    raise MisconfigurationException(
+        f"Trainer({name}={value!r}) is out of range: it takes a number of batches (int >= 0) "
+        "or a fraction of the loader (float in [0.0, 1.0])."
+    )
+
+
+def make_config(**flags: Any) -> TrainerConfig:  # noqa: C901 - one check per flag
+    """Check every flag and resolve Lightning's special values (None, fast_dev_run)."""
+    fast_dev_run = flags.pop("fast_dev_run")
+    if fast_dev_run is True:
+        fast_dev_run = 1
+    fast_dev_run = _check_int("fast_dev_run", int(fast_dev_run or 0), 0)
+
+    max_epochs, max_steps = flags["max_epochs"], flags["max_steps"]
+    if max_steps is None:
+        max_steps = -1
+    _check_int("max_steps", max_steps, -1)
+    if max_epochs is None:
+        max_epochs = 1000 if max_steps == -1 else -1
+    if max_epochs == -1:
+        max_epochs = 2**31
+    flags["max_epochs"] = _check_int("max_epochs", max_epochs, 0)
+    flags["max_steps"] = max_steps
+    flags["min_epochs"] = _check_int("min_epochs", flags["min_epochs"] or 0, 0)
+    for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches",
+                 "limit_predict_batches"):
+        flags[name] = _check_limit(name, 1.0 if flags[name] is None else flags[name])
+    interval = flags["val_check_interval"]
+    interval = 1.0 if interval is None else interval
+    if isinstance(interval, float) and not 0.0 < interval <= 1.0:
+        raise MisconfigurationException(
+            f"Trainer(val_check_interval={interval!r}): a float must be in (0.0, 1.0]."
+        )
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        _check_int("val_check_interval", interval, 1)
+    flags["val_check_interval"] = interval
+    if flags["check_val_every_n_epoch"] is not None:
+        _check_int("check_val_every_n_epoch", flags["check_val_every_n_epoch"], 1)
+    flags["num_sanity_val_steps"] = _check_int("num_sanity_val_steps", flags["num_sanity_val_steps"], -1)
+    _check_int("accumulate_grad_batches", flags["accumulate_grad_batches"], 1)
+    _check_int("log_every_n_steps", flags["log_every_n_steps"], 1)
+    clip = flags["gradient_clip_val"]
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0):
+        raise MisconfigurationException(
+            f"Trainer(gradient_clip_val={clip!r}) is out of range: it takes a number >= 0."
+        )
+    if flags["gradient_clip_algorithm"] not in (None, "norm", "value"):
+        raise MisconfigurationException(
+            f"Trainer(gradient_clip_algorithm={flags['gradient_clip_algorithm']!r}): "
+            "use 'norm' or 'value'."
+        )
+    precision = flags["precision"]
+    if precision not in _PRECISIONS:
+        raise MisconfigurationException(
+            f"Trainer(precision={precision!r}) is not supported: use '32-true', 'bf16-mixed' "
+            "or (on GPU) '16-mixed'."
+        )
+    flags["precision"] = _PRECISIONS[precision]
+
+    if fast_dev_run:
+        # Lightning: n batches of each loop, one epoch, no sanity check.
+        for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches",
+                     "limit_predict_batches"):
+            flags[name] = fast_dev_run
+        flags.update(max_epochs=1, max_steps=fast_dev_run, num_sanity_val_steps=0,
+                     val_check_interval=1.0, check_val_every_n_epoch=1)
+    flags["default_root_dir"] = os.fspath(flags["default_root_dir"] or os.getcwd())
+    return TrainerConfig(fast_dev_run=fast_dev_run, **flags)
+
+
+def make_scaling(  # noqa: C901 - two spellings of the same flags
+    num_workers: int | None,
+    use_gpu: bool | None,
+    resources_per_worker: dict[str, float] | None,
+    accelerator: str | None,
+    devices: int | str | list[int] | None,
+    num_nodes: int,
+    gpus: int | None,
+) -> Scaling:
+    if gpus is not None:
+        warnings.warn(
+            "Trainer(gpus=N) is deprecated: use Trainer(num_workers=N, use_gpu=True) "
+            "or Trainer(accelerator='gpu', devices=N).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        accelerator, devices = ("gpu", gpus) if gpus else ("cpu", devices)
+    if accelerator not in (None, "auto", "cpu", "gpu", "cuda"):
+        raise MisconfigurationException(
+            f"Trainer(accelerator={accelerator!r}) is not supported: use 'cpu', 'gpu' or 'auto'."
+        )
+    if isinstance(devices, list):
+        devices = len(devices)
+    if devices in ("auto", -1):
+        devices = None
+    if isinstance(devices, str):
+        devices = int(devices)
+    _check_int("num_nodes", num_nodes, 1)
+    if devices is not None:
+        _check_int("devices", devices, 1)
+        lightning_workers = devices * num_nodes
+        if num_workers is not None and num_workers != lightning_workers:
+            raise MisconfigurationException(
+                f"Trainer(num_workers={num_workers}) disagrees with devices={devices} x "
+                f"num_nodes={num_nodes}: set one spelling only."
+            )
+        num_workers = lightning_workers
+    num_workers = 1 if num_workers is None else num_workers
+    _check_int("num_workers", num_workers, 1)
+    if accelerator in ("gpu", "cuda"):
+        if use_gpu is False:
+            raise MisconfigurationException(
+                f"Trainer(accelerator={accelerator!r}) disagrees with use_gpu=False."
+            )
+        use_gpu = True
+    resources = dict(resources_per_worker or {})
+    for key, amount in resources.items():
+        if not isinstance(amount, int | float) or amount < 0:
+            raise MisconfigurationException(
+                f"Trainer(resources_per_worker={resources_per_worker!r}): {key!r} must be a "
+                "number >= 0."
+            )
+    if use_gpu is None:
+        use_gpu = resources.get("GPU", 0) > 0
+    return Scaling(num_workers, bool(use_gpu), {k: float(v) for k, v in resources.items()})

@@ -1,0 +1,111 @@
+"""Dataloaders on a rank: distributed-sampler injection and batch limits."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, Sampler
+
+from raylight.config import MisconfigurationException
+
+
+class ContiguousSampler(Sampler[int]):
+    """Rank r reads one contiguous, unpadded slice of the dataset.
+
+    Used for ``predict``: concatenating the ranks' outputs in rank order gives the
+    predictions in dataset order, which Lightning's DDP predict does not.
+    """
+
+    def __init__(self, length: int, num_replicas: int, rank: int) -> None:
+        per_rank = math.ceil(length / num_replicas)
+        self.start = min(length, rank * per_rank)
+        self.stop = min(length, self.start + per_rank)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def as_loader_list(loaders: Any) -> list[Any]:
+    if loaders is None:
+        return []
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    if isinstance(loaders, Sequence) and not isinstance(loaders, DataLoader):
+        return list(loaders)
+    return [loaders]
+
+
+def distribute(loader: Any, mode: str, num_replicas: int, rank: int, seed: int) -> Any:
+    """Give ``loader`` this rank's share of the data, keeping its other arguments.
+
+    ``mode`` is "train" (shuffled DistributedSampler), "eval" (unshuffled, padded so
+    every rank runs the same number of batches and collectives stay matched) or
+    "predict" (contiguous, unpadded).
+    """
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return loader
+    if isinstance(loader.sampler, DistributedSampler | ContiguousSampler):
+        return loader
+    if loader.batch_size is None:
+        raise MisconfigurationException(
+            "A DataLoader with a custom batch_sampler cannot be split across ranks "
+            "automatically: give it a DistributedSampler yourself and set "
+            "Trainer(use_distributed_sampler=False)."
+        )
+    if mode == "predict":
+        sampler: Sampler[int] = ContiguousSampler(len(loader.dataset), num_replicas, rank)
+    else:
+        sampler = DistributedSampler(
+            loader.dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=mode == "train",
+            seed=seed,
+            drop_last=loader.drop_last if mode == "train" else False,
+        )
+    distributed = copy.copy(loader)
+    # DataLoader forbids re-setting these after __init__; a shallow copy keeps every
+    # other argument (workers, collate_fn, pin_memory, generator) exactly as given.
+    object.__setattr__(distributed, "sampler", sampler)
+    object.__setattr__(
+        distributed, "batch_sampler", BatchSampler(sampler, loader.batch_size, loader.drop_last)
+    )
+    object.__setattr__(distributed, "_iterator", None)
+    return distributed
+
+
+def limit_batches(loader: Any, limit: int | float, name: str) -> int:
+    """How many batches of ``loader`` a loop runs under ``limit_*_batches``."""
+    try:
+        available = len(loader)
+    except TypeError:
+        available = math.inf
+    if isinstance(limit, int):
+        return int(min(limit, available))
+    if available == math.inf:
+        if limit == 1.0:
+            return math.inf
+        raise MisconfigurationException(
+            f"{name}={limit} is a fraction, but the loader has no length: use an int."
+        )
+    batches = int(available * limit)
+    if limit > 0.0 and batches == 0 and available > 0:
+        raise MisconfigurationException(
+            f"{name}={limit} selects 0 of {available} batches: use a larger fraction or an int."
+        )
+    return batches
+
+
+def set_epoch(loader: Any, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if hasattr(getattr(batch_sampler, "sampler", None), "set_epoch") and batch_sampler.sampler is not sampler:
+        batch_sampler.sampler.set_epoch(epoch)

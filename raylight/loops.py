@@ -1,0 +1,372 @@
+"""The per-rank loops: fit (one epoch per driver call), evaluation and prediction.
+
+Read top to bottom, one batch goes: loader -> batch-transfer hooks ->
+``on_train_batch_start`` -> closure (``training_step`` through DDP, zero_grad, backward)
+-> ``optimizer_step`` -> ``on_train_batch_end`` -> step logging -> step schedulers ->
+mid-epoch validation. Hooks run through ``hooks.call`` in Lightning 2.x's order
+(``tests/test_hook_order.py`` holds us to it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from raylight import hooks
+from raylight.config import MisconfigurationException
+from raylight.data import set_epoch
+from raylight.logging import MetricLog, to_floats
+from raylight.module import LightningModule, move_data_to_device
+from raylight.rank_trainer import RankTrainer
+
+
+# ---- fit ----------------------------------------------------------------------------------
+def fit_start(trainer: RankTrainer, sanity_check: bool) -> None:
+    """``on_fit_start``, the sanity check, then ``on_train_start``."""
+    hooks.call(trainer, "on_fit_start")
+    if sanity_check and _has_validation(trainer) and any(trainer.num_sanity_val_batches):
+        trainer.sanity_checking = True
+        hooks.call_callbacks(trainer, "on_sanity_check_start")
+        run_evaluation(trainer, "validate", trainer.val_dataloaders, trainer.num_sanity_val_batches)
+        hooks.call_callbacks(trainer, "on_sanity_check_end")
+        trainer.sanity_checking = False
+        # Sanity-check metrics are not real results: Lightning drops them.
+        trainer.callback_metrics, trainer.logged_metrics = {}, {}
+        trainer.progress_bar_metrics = {}
+        trainer._log_rows.clear()
+    trainer.stage = "train"
+    trainer.lightning_module.train()
+    hooks.call(trainer, "on_train_start")
+
+
+def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
+    """Run epoch ``epoch`` on this rank: its batches, its validations, its epoch-end hooks."""
+    config, module = trainer.config, trainer.lightning_module
+    trainer.current_epoch, trainer.stage = epoch, "train"
+    results = trainer._results = MetricLog(trainer._all_reduce)
+    loader = trainer.train_dataloader
+    set_epoch(loader, epoch)
+    num_batches = trainer.num_training_batches
+    val_every = _val_check_batches(trainer)
+
+    module.train()
+    hooks.call(trainer, "on_train_epoch_start")
+    batch_idx = -1
+    for batch_idx, batch in enumerate(loader):
+        if batch_idx >= num_batches:
+            break
+        trainer._batch_idx = batch_idx
+        batch = transfer_batch(trainer, batch, 0)
+        results.batch = batch
+        if hooks.call(trainer, "on_train_batch_start", batch, batch_idx) == -1:
+            break  # Lightning: returning -1 ends the epoch early
+        stepped_before = trainer.global_step
+        if module.automatic_optimization:
+            outputs = _automatic_step(trainer, batch, batch_idx, num_batches)
+        else:
+            outputs = _manual_step(trainer, batch, batch_idx)
+        trainer._results = results  # a hook may have run a nested loop
+        hooks.call(trainer, "on_train_batch_end", outputs, batch, batch_idx)
+        stepped = trainer.global_step > stepped_before
+        _publish_step_metrics(trainer, results, stepped)
+        if stepped:
+            _step_schedulers(trainer, "step")
+        stopping = trainer.should_stop and epoch + 1 >= config.min_epochs
+        last = batch_idx + 1 == num_batches
+        if val_every and (((batch_idx + 1) % val_every == 0 and not last) or stopping):
+            _validate_during_fit(trainer)
+            trainer._results = results
+        if stopping or _max_steps_reached(trainer):
+            break
+    trainer._batch_idx = None
+
+    if val_every and batch_idx + 1 == num_batches and _val_due_this_epoch(trainer):
+        _validate_during_fit(trainer)
+        trainer._results = results
+    hooks.call(trainer, "on_train_epoch_end", monitoring_last=True)
+    callback, logged, bar = results.epoch_metrics()
+    _merge_metrics(trainer, callback, logged, bar)
+    _step_schedulers(trainer, "epoch")
+    if logged:
+        trainer._log_rows.append((trainer._batches_that_stepped - 1, _with_epoch(trainer, logged)))
+    return epoch_summary(trainer)
+
+
+def fit_end(trainer: RankTrainer) -> None:
+    trainer.stage = None
+    hooks.call(trainer, "on_train_end")
+    hooks.call(trainer, "on_fit_end")
+
+
+def epoch_summary(trainer: RankTrainer) -> dict[str, Any]:
+    """What the driver needs after each epoch; rows go out once and are then dropped."""
+    summary = {
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "should_stop": trainer.should_stop,
+        "callback_metrics": to_floats(trainer.callback_metrics),
+        "logged_metrics": to_floats(trainer.logged_metrics),
+        "progress_bar_metrics": to_floats(trainer.progress_bar_metrics),
+        "log_rows": list(trainer._log_rows),
+    }
+    trainer._log_rows.clear()
+    return summary
+
+
+# ---- one training batch -------------------------------------------------------------------
+def _automatic_step(trainer: RankTrainer, batch: Any, batch_idx: int, num_batches: int) -> Any:
+    config, module = trainer.config, trainer.lightning_module
+    if not trainer.optimizers:
+        return _run_training_step(trainer, batch, batch_idx)
+    optimizer = trainer._lightning_optimizers[0]
+    accumulate = config.accumulate_grad_batches
+    # The optimizer steps at the end of every accumulation window and at the epoch's last batch.
+    steps_now = (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == num_batches
+    zero_grad_now = batch_idx % accumulate == 0
+    output: dict[str, Any] = {}
+
+    def closure() -> torch.Tensor | None:
+        step_output = _run_training_step(trainer, batch, batch_idx)
+        loss = _loss_of(step_output)
+        output["value"] = step_output
+        if zero_grad_now:
+            hooks.call(trainer, "on_before_zero_grad", optimizer.optimizer)
+            hooks.call_module(trainer, "optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer.optimizer)
+        if loss is None:
+            return None
+        scaled = loss / accumulate if accumulate > 1 else loss
+        hooks.call(trainer, "on_before_backward", scaled)
+        hooks.call_module(trainer, "backward", trainer.precision_plugin.scale(scaled))
+        hooks.call(trainer, "on_after_backward")
+        return loss.detach()
+
+    if steps_now:
+        hooks.call_module(trainer, "optimizer_step", trainer.current_epoch, batch_idx, optimizer, closure)
+    else:
+        with trainer.model.no_sync():  # gradients sync once per window, on its last batch
+            closure()
+    return _batch_end_outputs(output.get("value"))
+
+
+def _manual_step(trainer: RankTrainer, batch: Any, batch_idx: int) -> Any:
+    output = _run_training_step(trainer, batch, batch_idx)
+    if output is not None and not isinstance(output, torch.Tensor | dict):
+        raise MisconfigurationException(_bad_step_output(output))
+    return output
+
+
+def _run_training_step(trainer: RankTrainer, batch: Any, batch_idx: int) -> Any:
+    # Through the DDP wrapper, so that backward all-reduces the gradients.
+    with trainer.precision_plugin.autocast():
+        return trainer.model(batch, batch_idx)
+
+
+def _loss_of(step_output: Any) -> torch.Tensor | None:
+    if step_output is None:
+        return None
+    if isinstance(step_output, torch.Tensor):
+        return step_output
+    if isinstance(step_output, dict):
+        if "loss" not in step_output:
+            raise MisconfigurationException(
+                f"training_step returned a dict without a 'loss' key (keys: {sorted(step_output)}): "
+                "return {'loss': loss, ...}."
+            )
+        return step_output["loss"]
+    raise MisconfigurationException(_bad_step_output(step_output))
+
+
+def _bad_step_output(output: Any) -> str:
+    return (
+        f"training_step returned a {type(output).__name__}: return the loss tensor, a dict with "
+        "a 'loss' key, or None to skip the batch."
+    )
+
+
+def _batch_end_outputs(step_output: Any) -> Any:
+    if isinstance(step_output, torch.Tensor):
+        return {"loss": step_output.detach()}
+    if isinstance(step_output, dict):
+        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in step_output.items()}
+    return step_output
+
+
+def transfer_batch(trainer: RankTrainer, batch: Any, dataloader_idx: int) -> Any:
+    """Lightning's three batch-transfer hooks (datamodule first for the before/after ones)."""
+    batch = _transfer_hook(trainer, "on_before_batch_transfer", batch, dataloader_idx)
+    batch = hooks.call_module(trainer, "transfer_batch_to_device", batch, trainer.device, dataloader_idx)
+    return _transfer_hook(trainer, "on_after_batch_transfer", batch, dataloader_idx)
+
+
+def _transfer_hook(trainer: RankTrainer, hook: str, batch: Any, dataloader_idx: int) -> Any:
+    if trainer.datamodule is not None:
+        batch = hooks.call_datamodule(trainer, hook, batch, dataloader_idx)
+    return hooks.call_module(trainer, hook, batch, dataloader_idx)
+
+
+# ---- metrics and schedulers -----------------------------------------------------------------
+def _publish_step_metrics(trainer: RankTrainer, results: MetricLog, stepped: bool) -> None:
+    callback, logged, bar = results.step_metrics()
+    _merge_metrics(trainer, callback, logged, bar)
+    # Lightning writes a logger row every log_every_n_steps optimizer steps.
+    if stepped:
+        trainer._batches_that_stepped += 1
+        step = trainer._batches_that_stepped - 1
+        if logged and trainer.is_global_zero and (step + 1) % trainer.log_every_n_steps == 0:
+            trainer._log_rows.append((step, _with_epoch(trainer, logged)))
+
+
+def _merge_metrics(trainer: RankTrainer, callback: dict, logged: dict, bar: dict) -> None:
+    trainer.callback_metrics.update(callback)
+    trainer.logged_metrics.update(logged)
+    trainer.progress_bar_metrics.update(bar)
+
+
+def _with_epoch(trainer: RankTrainer, logged: dict[str, torch.Tensor]) -> dict[str, float]:
+    row = to_floats(logged) if trainer.is_global_zero else {}
+    row["epoch"] = float(trainer.current_epoch)
+    return row
+
+
+def _step_schedulers(trainer: RankTrainer, interval: str) -> None:
+    for config in trainer.lr_scheduler_configs:
+        if config.interval != interval:
+            continue
+        count = trainer.global_step if interval == "step" else trainer.current_epoch + 1
+        if count % config.frequency != 0:
+            continue
+        metric = None
+        if config.reduce_on_plateau:
+            metric = trainer.callback_metrics.get(config.monitor)
+            if metric is None:
+                if config.strict:
+                    raise MisconfigurationException(
+                        f"ReduceLROnPlateau conditioned on metric {config.monitor!r} which is not "
+                        f"available. Available metrics are: {sorted(trainer.callback_metrics)}. "
+                        "Condition can be set using `monitor` key in lr scheduler dict."
+                    )
+                continue
+        hooks.call_module(trainer, "lr_scheduler_step", config.scheduler, metric)
+
+
+def _max_steps_reached(trainer: RankTrainer) -> bool:
+    return trainer.config.max_steps != -1 and trainer.global_step >= trainer.config.max_steps
+
+
+# ---- validation scheduling --------------------------------------------------------------------
+def _has_validation(trainer: RankTrainer) -> bool:
+    module = trainer.lightning_module
+    overridden = type(module).validation_step is not LightningModule.validation_step
+    return overridden and bool(trainer.val_dataloaders) and any(trainer.num_val_batches)
+
+
+def _val_due_this_epoch(trainer: RankTrainer) -> bool:
+    every = trainer.config.check_val_every_n_epoch
+    return every is None or (trainer.current_epoch + 1) % every == 0
+
+
+def _val_check_batches(trainer: RankTrainer) -> int:
+    """Batches between validation runs in this epoch; 0 when this epoch has none."""
+    if not _has_validation(trainer) or not _val_due_this_epoch(trainer):
+        return 0
+    interval, num_batches = trainer.config.val_check_interval, trainer.num_training_batches
+    if isinstance(interval, float):
+        if num_batches == math.inf:
+            return 0
+        return max(1, int(num_batches * interval))
+    return interval
+
+
+def _validate_during_fit(trainer: RankTrainer) -> None:
+    hooks.call_module(trainer, "on_validation_model_zero_grad")
+    run_evaluation(trainer, "validate", trainer.val_dataloaders, trainer.num_val_batches)
+    trainer.stage = "train"
+
+
+# ---- evaluation and prediction ----------------------------------------------------------------
+def run_evaluation(
+    trainer: RankTrainer, stage: str, loaders: list[Any], limits: list[int]
+) -> list[dict[str, float]]:
+    """One validation or test run over every loader; returns the per-loader epoch metrics."""
+    prefix = "validation" if stage == "validate" else "test"
+    step_name = "validation_step" if stage == "validate" else "test_step"
+    previous_stage, trainer.stage = trainer.stage, stage
+    results = trainer._results = MetricLog(trainer._all_reduce)
+    module = trainer.lightning_module
+    hooks.call_module(trainer, f"on_{prefix}_model_eval")
+    grad_context = torch.inference_mode if trainer.config.inference_mode else torch.no_grad
+    with grad_context():
+        hooks.call(trainer, f"on_{prefix}_start")
+        hooks.call(trainer, f"on_{prefix}_epoch_start")
+        several = len(loaders) > 1
+        for dataloader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
+            results.dataloader_idx = dataloader_idx if several else None
+            extra = (dataloader_idx,) if several else ()
+            for batch_idx, batch in enumerate(loader):
+                if batch_idx >= limit:
+                    break
+                trainer._batch_idx = batch_idx
+                batch = transfer_batch(trainer, batch, dataloader_idx)
+                results.batch = batch
+                hooks.call(trainer, f"on_{prefix}_batch_start", batch, batch_idx, *extra)
+                with trainer.precision_plugin.autocast():
+                    output = hooks.call_module(trainer, step_name, batch, batch_idx, *extra)
+                hooks.call(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, *extra)
+        trainer._batch_idx = None
+        results.dataloader_idx = None
+        hooks.call(trainer, f"on_{prefix}_epoch_end")
+        callback, logged, bar = results.epoch_metrics()
+        if not trainer.sanity_checking:
+            _merge_metrics(trainer, callback, logged, bar)
+        hooks.call(trainer, f"on_{prefix}_end", monitoring_last=True)
+    hooks.call_module(trainer, f"on_{prefix}_model_train")
+    if logged and not trainer.sanity_checking and previous_stage == "train":
+        trainer._log_rows.append((trainer._batches_that_stepped, _with_epoch(trainer, logged)))
+    trainer.stage = previous_stage
+    return _per_loader(to_floats(logged), len(loaders))
+
+
+def _per_loader(logged: dict[str, float], num_loaders: int) -> list[dict[str, float]]:
+    """Split metrics by their ``/dataloader_idx_N`` suffix, as Lightning's return value is."""
+    per_loader: list[dict[str, float]] = [{} for _ in range(num_loaders)]
+    for name, value in logged.items():
+        head, _, idx = name.rpartition("/dataloader_idx_")
+        if head and idx.isdigit() and int(idx) < num_loaders:
+            per_loader[int(idx)][name] = value
+        else:
+            for metrics in per_loader:
+                metrics[name] = value
+    return per_loader
+
+
+def run_predict(trainer: RankTrainer, loaders: list[Any], limits: list[int]) -> list[list[Any]]:
+    """Every loader's batch outputs on this rank, moved to CPU for the trip to the driver."""
+    trainer.stage = "predict"
+    hooks.call_module(trainer, "on_predict_model_eval")
+    predictions: list[list[Any]] = []
+    grad_context = torch.inference_mode if trainer.config.inference_mode else torch.no_grad
+    with grad_context():
+        hooks.call(trainer, "on_predict_start")
+        hooks.call(trainer, "on_predict_epoch_start")
+        several = len(loaders) > 1
+        for dataloader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
+            extra = (dataloader_idx,) if several else ()
+            outputs: list[Any] = []
+            for batch_idx, batch in enumerate(loader):
+                if batch_idx >= limit:
+                    break
+                trainer._batch_idx = batch_idx
+                batch = transfer_batch(trainer, batch, dataloader_idx)
+                hooks.call(trainer, "on_predict_batch_start", batch, batch_idx, *extra)
+                with trainer.precision_plugin.autocast():
+                    output = hooks.call_module(trainer, "predict_step", batch, batch_idx, *extra)
+                hooks.call(trainer, "on_predict_batch_end", output, batch, batch_idx, *extra)
+                outputs.append(move_data_to_device(output, torch.device("cpu")))
+            predictions.append(outputs)
+        trainer._batch_idx = None
+        hooks.call(trainer, "on_predict_epoch_end")
+        hooks.call(trainer, "on_predict_end")
+    trainer.stage = None
+    return predictions

@@ -1,0 +1,255 @@
+"""RankTrainer: what ``self.trainer`` is inside a worker, one per rank.
+
+It carries the run's state on this rank (epoch, step, loaders, optimizers, metrics)
+and the few services hooks call back into: ``log``, ``manual_backward``,
+``all_gather``, the optimizer-step plumbing and ``strategy.barrier``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from raylight import hooks
+from raylight.config import TrainerConfig
+from raylight.logging import MetricLog
+
+_REDUCE_OPS = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM,
+               "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class _Strategy:
+    """The small part of Lightning's ``trainer.strategy`` that user code reaches for."""
+
+    def __init__(self, trainer: RankTrainer) -> None:
+        self._trainer = trainer
+
+    @property
+    def root_device(self) -> torch.device:
+        return self._trainer.device
+
+    @property
+    def world_size(self) -> int:
+        return self._trainer.world_size
+
+    def barrier(self, name: str | None = None) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not dist.is_initialized():
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        flag = torch.tensor(int(decision), device=self._trainer.device)
+        flag = self._trainer._all_reduce(flag, "sum")
+        return bool(flag == self._trainer.world_size) if all else bool(flag > 0)
+
+
+class _Precision:
+    """Autocast for the forward pass and, for '16-mixed', the gradient scaler."""
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.precision = precision
+        self.device = device
+        self.scaler = (
+            torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.precision == "16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def unscale(self, optimizer: Any) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        if self.scaler is None:
+            return optimizer.step(closure=closure, **kwargs)
+        result = closure()  # the scaler cannot step through a closure
+        self.scaler.step(optimizer, **kwargs)
+        self.scaler.update()
+        return result
+
+
+class RankTrainer:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        global_rank: int,
+        local_rank: int,
+        node_rank: int,
+        world_size: int,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.global_rank, self.local_rank = global_rank, local_rank
+        self.node_rank, self.world_size = node_rank, world_size
+        self.num_devices = world_size
+        self.device = device
+        self.strategy = _Strategy(self)
+        self.precision_plugin = _Precision(config.precision, device)
+        self.lightning_module: Any = None
+        self.model: Any = None  # the DDP-wrapped training-step module
+        self.datamodule: Any = None
+        self.callbacks: list[Any] = []
+        self.optimizers: list[Any] = []
+        self._lightning_optimizers: list[Any] = []
+        self.lr_scheduler_configs: list[Any] = []
+        self.train_dataloader: Any = None
+        self.val_dataloaders: list[Any] = []
+        self.test_dataloaders: list[Any] = []
+        self.predict_dataloaders: list[Any] = []
+        self.num_training_batches: int | float = 0
+        self.num_val_batches: list[int] = []
+        self.num_sanity_val_batches: list[int] = []
+        self.num_test_batches: list[int] = []
+        self.num_predict_batches: list[int] = []
+        self.current_epoch = 0
+        self.global_step = 0
+        self._batches_that_stepped = 0
+        self.should_stop = False
+        self.stage: str | None = None
+        self.sanity_checking = False
+        self.callback_metrics: dict[str, torch.Tensor] = {}
+        self.logged_metrics: dict[str, torch.Tensor] = {}
+        self.progress_bar_metrics: dict[str, torch.Tensor] = {}
+        self._results: MetricLog | None = None
+        self._log_rows: list[tuple[int, dict[str, float]]] = []
+        self._current_hook: str | None = None
+        self._batch_idx: int | None = None
+
+    # ---- Lightning's read-only trainer attributes ---------------------------------------
+    @property
+    def is_global_zero(self) -> bool:
+        return self.global_rank == 0
+
+    @property
+    def max_epochs(self) -> int:
+        return self.config.max_epochs
+
+    @property
+    def min_epochs(self) -> int:
+        return self.config.min_epochs
+
+    @property
+    def max_steps(self) -> int:
+        return self.config.max_steps
+
+    @property
+    def default_root_dir(self) -> str:
+        return self.config.default_root_dir
+
+    @property
+    def log_every_n_steps(self) -> int:
+        return self.config.log_every_n_steps
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        return self.config.accumulate_grad_batches
+
+    @property
+    def precision(self) -> str:
+        return self.config.precision
+
+    @property
+    def training(self) -> bool:
+        return self.stage == "train"
+
+    @property
+    def validating(self) -> bool:
+        return self.stage == "validate"
+
+    @property
+    def testing(self) -> bool:
+        return self.stage == "test"
+
+    @property
+    def predicting(self) -> bool:
+        return self.stage == "predict"
+
+    @property
+    def logger(self) -> None:
+        return None  # loggers live on the driver
+
+    @property
+    def loggers(self) -> list[Any]:
+        return []
+
+    @property
+    def estimated_stepping_batches(self) -> int | float:
+        per_epoch = max(1, -(-self.num_training_batches // self.accumulate_grad_batches))
+        total = per_epoch * self.max_epochs
+        return min(total, self.max_steps) if self.max_steps != -1 else total
+
+    # ---- services for hooks --------------------------------------------------------------
+    def _log(self, fx: str | None, name: str, value: Any, **kwargs: Any) -> None:
+        if self._results is None:
+            raise ValueError(f"`self.log({name!r}, ...)` is only allowed inside a training, "
+                             "validation or test loop.")
+        self._results.log(fx, name, value, **kwargs)
+
+    def _all_reduce(self, tensor: torch.Tensor, reduce_fx: str) -> torch.Tensor:
+        if self.world_size == 1 or not dist.is_initialized():
+            return tensor
+        dist.all_reduce(tensor, op=_REDUCE_OPS[reduce_fx])
+        if reduce_fx == "mean":
+            tensor = tensor / self.world_size
+        return tensor
+
+    def _all_gather(self, data: Any, sync_grads: bool = False) -> Any:
+        if isinstance(data, dict):
+            return {k: self._all_gather(v, sync_grads) for k, v in data.items()}
+        if isinstance(data, list | tuple):
+            return type(data)(self._all_gather(v, sync_grads) for v in data)
+        if not isinstance(data, torch.Tensor):
+            data = torch.tensor(data, device=self.device)
+        if self.world_size == 1 or not dist.is_initialized():
+            return data.unsqueeze(0)
+        if sync_grads:
+            import torch.distributed.nn.functional as dist_nn
+
+            return torch.stack(dist_nn.all_gather(data.contiguous()))
+        gathered = [torch.empty_like(data) for _ in range(self.world_size)]
+        dist.all_gather(gathered, data.contiguous())
+        return torch.stack(gathered)
+
+    def _manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        hooks.call(self, "on_before_backward", loss)
+        hooks.call_module(self, "backward", self.precision_plugin.scale(loss), *args, **kwargs)
+        hooks.call(self, "on_after_backward")
+
+    def _after_closure(self, optimizer: Any) -> None:
+        """Between backward and the optimizer step: unscale, hook, clip (Lightning's order)."""
+        self.precision_plugin.unscale(optimizer.optimizer)
+        hooks.call(self, "on_before_optimizer_step", optimizer.optimizer)
+        if self.lightning_module.automatic_optimization:
+            hooks.call_module(
+                self,
+                "configure_gradient_clipping",
+                optimizer.optimizer,
+                self.config.gradient_clip_val,
+                self.config.gradient_clip_algorithm,
+            )
+
+    def _on_optimizer_stepped(self) -> None:
+        self.global_step += 1
+
+    def save_checkpoint(self, filepath: str, weights_only: bool = False) -> None:
+        from raylight.checkpoint import save_from_rank
+
+        save_from_rank(self, filepath, weights_only)

@@ -1,0 +1,409 @@
+"""Trainer: the public face on the driver. It checks flags, drives epochs, collects metrics.
+
+The driver never touches training tensors during a run: it ships the module,
+datamodule and callbacks to the workers once per call, asks every rank to run one
+epoch at a time, and after ``fit`` loads rank 0's weights into the user's own module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import cloudpickle
+
+from raylight.callbacks import Callback
+from raylight.config import MisconfigurationException, make_config, make_scaling
+from raylight.datamodule import LightningDataModule
+from raylight.group import WorkerGroup
+from raylight.module import LightningModule
+
+_STAGE_LOADER = {"validate": "val", "test": "test", "predict": "predict"}
+
+
+class Trainer:
+    worker_group_cls = WorkerGroup
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int | None = None,
+        min_epochs: int | None = None,
+        max_steps: int = -1,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        val_check_interval: int | float | None = None,
+        check_val_every_n_epoch: int | None = 1,
+        num_sanity_val_steps: int | None = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+        precision: str | int = "32-true",
+        log_every_n_steps: int | None = None,
+        fast_dev_run: int | bool = False,
+        deterministic: bool | None = None,
+        callbacks: list[Callback] | Callback | None = None,
+        default_root_dir: str | os.PathLike | None = None,
+        enable_progress_bar: bool | None = None,
+        enable_checkpointing: bool | None = None,
+        enable_model_summary: bool | None = None,
+        logger: Any = None,
+        use_distributed_sampler: bool = True,
+        inference_mode: bool = True,
+        num_workers: int | None = None,
+        use_gpu: bool | None = None,
+        resources_per_worker: dict[str, float] | None = None,
+        accelerator: str | None = None,
+        devices: int | str | list[int] | None = None,
+        num_nodes: int = 1,
+        gpus: int | None = None,
+        strategy: str | None = None,
+        placement_timeout_s: float = 60.0,
+        process_group_timeout_s: float = 1800.0,
+        ray_init_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = make_config(
+            max_epochs=max_epochs, min_epochs=min_epochs, max_steps=max_steps,
+            limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches, limit_predict_batches=limit_predict_batches,
+            val_check_interval=val_check_interval, check_val_every_n_epoch=check_val_every_n_epoch,
+            num_sanity_val_steps=2 if num_sanity_val_steps is None else num_sanity_val_steps,
+            accumulate_grad_batches=accumulate_grad_batches, gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm, precision=precision,
+            log_every_n_steps=50 if log_every_n_steps is None else log_every_n_steps,
+            fast_dev_run=fast_dev_run, deterministic=bool(deterministic),
+            default_root_dir=default_root_dir, use_distributed_sampler=use_distributed_sampler,
+            inference_mode=inference_mode, process_group_timeout_s=process_group_timeout_s,
+        )
+        self.scaling = make_scaling(num_workers, use_gpu, resources_per_worker, accelerator,
+                                    devices, num_nodes, gpus)
+        if strategy not in (None, "auto", "ddp", "ddp_spawn"):
+            raise MisconfigurationException(
+                f"Trainer(strategy={strategy!r}) is not supported: raylight always runs DDP "
+                "on Ray workers."
+            )
+        if self.scaling.use_gpu is False and self.config.precision == "16-mixed":
+            raise MisconfigurationException(
+                "Trainer(precision='16-mixed') needs GPUs: use 'bf16-mixed' on CPU, or use_gpu=True."
+            )
+        if isinstance(callbacks, Callback):
+            callbacks = [callbacks]
+        self.callbacks: list[Callback] = list(callbacks or [])
+        for callback in self.callbacks:
+            if not isinstance(callback, Callback):
+                raise MisconfigurationException(
+                    f"Trainer(callbacks=...) got a {type(callback).__name__}: callbacks must "
+                    "subclass raylight.Callback."
+                )
+        self.enable_progress_bar = True if enable_progress_bar is None else enable_progress_bar
+        self.enable_checkpointing = enable_checkpointing
+        self.logger = logger
+        self.placement_timeout_s = placement_timeout_s
+        # Entry point: the environment is read here and nowhere deeper.
+        self._ray_address = os.environ.get("RAY_ADDRESS")
+        self._ray_init_kwargs = dict(ray_init_kwargs or {})
+        self._group: WorkerGroup | None = None
+        self._shipped: tuple[Any, Any] | None = None
+        self.lightning_module: LightningModule | None = None
+        self.datamodule: LightningDataModule | None = None
+        self.current_epoch = 0
+        self.global_step = 0
+        self.should_stop = False
+        self.callback_metrics: dict[str, torch.Tensor] = {}
+        self.logged_metrics: dict[str, torch.Tensor] = {}
+        self.progress_bar_metrics: dict[str, torch.Tensor] = {}
+        self.log_rows: list[tuple[int, dict[str, float]]] = []
+
+    # ---- Lightning's read-only attributes ----------------------------------------------------
+    @property
+    def max_epochs(self) -> int:
+        return self.config.max_epochs
+
+    @property
+    def max_steps(self) -> int:
+        return self.config.max_steps
+
+    @property
+    def num_workers(self) -> int:
+        return self.scaling.num_workers
+
+    @property
+    def world_size(self) -> int:
+        return self.scaling.num_workers
+
+    @property
+    def default_root_dir(self) -> str:
+        return self.config.default_root_dir
+
+    @property
+    def is_global_zero(self) -> bool:
+        return True  # the driver speaks for rank 0
+
+    # ---- entry points -----------------------------------------------------------------------------
+    def fit(
+        self,
+        model: LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+    ) -> None:
+        """Train ``model`` on the workers; afterwards ``model`` holds the trained weights."""
+        if isinstance(train_dataloaders, LightningDataModule):
+            datamodule, train_dataloaders = train_dataloaders, None
+        _check_fit_inputs(model, train_dataloaders, datamodule)
+        loaders = {"train": train_dataloaders, "val": val_dataloaders}
+        group = self._prepare(model, datamodule, "fit", loaders, ckpt_path)
+        self.should_stop = False
+        summary = group.run_on_all("fit_start", self.config.num_sanity_val_steps != 0 and not ckpt_path)[0]
+        self._absorb(summary)
+        epoch = self.current_epoch
+        while not self._fit_done(epoch):
+            summary = group.run_on_all("train_epoch", epoch, what=f"epoch {epoch}")[0]
+            self._absorb(summary)
+            self._report_epoch(summary)
+            epoch += 1
+        final = group.run_on_all("fit_end", what="fit end")[0]
+        model.load_state_dict(final["state_dict"])
+        for callback in self.callbacks:
+            if callback.state_key in final["callback_states"]:
+                callback.load_state_dict(final["callback_states"][callback.state_key])
+
+    def validate(self, model: LightningModule | None = None, dataloaders: Any = None,
+                 ckpt_path: str | None = None, verbose: bool = True,
+                 datamodule: LightningDataModule | None = None) -> list[dict[str, float]]:
+        return self._evaluate("validate", model, dataloaders, ckpt_path, verbose, datamodule)
+
+    def test(self, model: LightningModule | None = None, dataloaders: Any = None,
+             ckpt_path: str | None = None, verbose: bool = True,
+             datamodule: LightningDataModule | None = None) -> list[dict[str, float]]:
+        return self._evaluate("test", model, dataloaders, ckpt_path, verbose, datamodule)
+
+    def predict(self, model: LightningModule | None = None, dataloaders: Any = None,
+                datamodule: LightningDataModule | None = None, return_predictions: bool = True,
+                ckpt_path: str | None = None) -> list[Any] | None:
+        """Predictions of every rank, in dataset order (each rank reads a contiguous slice)."""
+        model, datamodule = self._resolve_eval_inputs("predict", model, dataloaders, datamodule)
+        group = self._prepare(model, datamodule, "predict", {"predict": dataloaders}, ckpt_path)
+        per_rank = group.run_on_all("predict", what="predict")
+        merged = [sum((rank[i] for rank in per_rank), []) for i in range(len(per_rank[0]))]
+        if not return_predictions:
+            return None
+        return merged[0] if len(merged) == 1 else merged
+
+    def save_checkpoint(self, filepath: str | os.PathLike, weights_only: bool = False) -> None:
+        if self._group is None:
+            raise RuntimeError("save_checkpoint needs a fitted Trainer: call trainer.fit first.")
+        self._group.run_on_all("save_checkpoint", os.fspath(filepath), weights_only)
+
+    def shutdown(self) -> None:
+        """Stop the workers. The Trainer does this itself when it is garbage-collected."""
+        if self._group is not None:
+            self._group.shutdown()
+            self._group = None
+
+    def __del__(self) -> None:
+        try:
+            if self._group is not None and ray.is_initialized():
+                self._group.shutdown(force=True)
+        except Exception:  # interpreter shutdown: Ray may already be gone
+            pass
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _evaluate(self, stage: str, model: Any, dataloaders: Any, ckpt_path: str | None,
+                  verbose: bool, datamodule: Any) -> list[dict[str, float]]:
+        model, datamodule = self._resolve_eval_inputs(stage, model, dataloaders, datamodule)
+        group = self._prepare(model, datamodule, stage, {_STAGE_LOADER[stage]: dataloaders}, ckpt_path)
+        results = group.run_on_all("evaluate", stage, what=stage)[0]
+        self._absorb(group.run_on_ranks([0], "metrics")[0])
+        if verbose and self.enable_progress_bar:
+            _print_results(stage, results)
+        return results
+
+    def _resolve_eval_inputs(self, stage: str, model: Any, dataloaders: Any, datamodule: Any) -> tuple[Any, Any]:
+        if isinstance(dataloaders, LightningDataModule):
+            datamodule, dataloaders = dataloaders, None
+        model = model if model is not None else self.lightning_module
+        if model is None:
+            raise MisconfigurationException(
+                f"trainer.{stage}() needs a model: pass one, or call it after trainer.fit(model)."
+            )
+        if not isinstance(model, LightningModule):
+            raise MisconfigurationException(
+                f"trainer.{stage}() got a {type(model).__name__}: it takes a raylight.LightningModule."
+            )
+        if datamodule is None and dataloaders is None and model is self.lightning_module:
+            datamodule = self.datamodule
+        return model, datamodule
+
+    def _prepare(self, model: LightningModule, datamodule: Any, stage: str,
+                 loaders: dict[str, Any], ckpt_path: str | None) -> WorkerGroup:
+        """Start the workers if needed, then ship this call's objects to them once."""
+        self.lightning_module, self.datamodule = model, datamodule
+        group = self._ensure_group()
+        self.config.global_seed = _global_seed()
+        job = {
+            "stage": stage,
+            "config": self.config,
+            "use_gpu": self.scaling.use_gpu,
+            "module": model,
+            "datamodule": datamodule,
+            "callbacks": self.callbacks,
+            "loaders": loaders,
+            "ckpt_path": os.fspath(ckpt_path) if ckpt_path else None,
+            "rng_states": (random.getstate(), np.random.get_state(), torch.get_rng_state()),
+        }
+        job_ref = _put_checked(job)
+        group.run_on_all("setup", job_ref, what=f"{stage} setup")
+        return group
+
+    def _ensure_group(self) -> WorkerGroup:
+        if self._group is not None and self._group.actors:
+            return self._group
+        self._connect()
+        group = self.worker_group_cls(self.scaling, self.placement_timeout_s)
+        backend = "nccl" if self.scaling.use_gpu else "gloo"
+        group.start(backend, self.config.process_group_timeout_s,
+                    {"OMP_NUM_THREADS": str(self.scaling.cpus_per_worker)})
+        self._group = group
+        return group
+
+    def _connect(self) -> None:
+        if ray.is_initialized():
+            return
+        kwargs = {"logging_level": logging.WARNING, "log_to_driver": True, **self._ray_init_kwargs}
+        if self._ray_address:
+            try:
+                ray.init(address=self._ray_address, **kwargs)
+            except (ConnectionError, RuntimeError) as error:
+                raise ConnectionError(
+                    f"RAY_ADDRESS={self._ray_address!r} points to no reachable Ray cluster "
+                    f"({error}). Start one with `ray start --head`, fix RAY_ADDRESS, or unset it "
+                    "to let the Trainer start a local Ray instance."
+                ) from error
+            return
+        # The embedded local instance is sized to fit the request on any laptop.
+        needed = self.scaling.num_workers * self.scaling.bundle().get("CPU", 1.0)
+        kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, int(needed)))
+        kwargs.setdefault("include_dashboard", False)
+        ray.init(address="local", **kwargs)
+
+    def _fit_done(self, epoch: int) -> bool:
+        config = self.config
+        if config.max_steps != -1 and self.global_step >= config.max_steps:
+            return True
+        if epoch >= config.max_epochs:
+            return True
+        return self.should_stop and epoch >= config.min_epochs
+
+    def _absorb(self, summary: dict[str, Any]) -> None:
+        self.current_epoch = summary["epoch"]
+        self.global_step = summary["global_step"]
+        self.should_stop = summary["should_stop"]
+        for name in ("callback_metrics", "logged_metrics", "progress_bar_metrics"):
+            setattr(self, name, {k: torch.tensor(v) for k, v in summary[name].items()})
+        self.log_rows.extend(summary["log_rows"])
+
+    def _report_epoch(self, summary: dict[str, Any]) -> None:
+        if not self.enable_progress_bar:
+            return
+        shown = {**summary["progress_bar_metrics"]}
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
+        print(f"Epoch {summary['epoch']}: step {summary['global_step']} {metrics}".rstrip(),
+              file=sys.stderr, flush=True)
+
+
+# ---- checks -------------------------------------------------------------------------------------
+def _check_fit_inputs(model: Any, train_dataloaders: Any, datamodule: Any) -> None:
+    if not isinstance(model, LightningModule):
+        raise MisconfigurationException(
+            f"trainer.fit() got a {type(model).__name__}: it takes a raylight.LightningModule."
+        )
+    if datamodule is not None and not isinstance(datamodule, LightningDataModule):
+        raise MisconfigurationException(
+            f"trainer.fit(datamodule=...) got a {type(datamodule).__name__}: it takes a "
+            "raylight.LightningDataModule."
+        )
+    if type(model).training_step is LightningModule.training_step:
+        raise MisconfigurationException(
+            "No `training_step()` method defined. The Trainer expects as minimum a "
+            "`training_step()`, `train_dataloader()` and `configure_optimizers()` to be defined."
+        )
+    has_loader = (
+        train_dataloaders is not None
+        or (datamodule is not None
+            and type(datamodule).train_dataloader is not LightningDataModule.train_dataloader)
+        or type(model).train_dataloader is not LightningModule.train_dataloader
+    )
+    if not has_loader:
+        raise MisconfigurationException(
+            "No `train_dataloader()` method defined. The Trainer expects as minimum a "
+            "`training_step()`, `train_dataloader()` and `configure_optimizers()` to be defined: "
+            "define train_dataloader on the datamodule or module, or pass "
+            "trainer.fit(model, train_dataloaders=...)."
+        )
+
+
+def _global_seed() -> int | None:
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else None
+
+
+def _put_checked(job: dict[str, Any]) -> Any:
+    """Put the job in the object store once; name the attribute that cannot be pickled."""
+    try:
+        return ray.put(job)
+    except Exception as error:
+        for key in ("module", "datamodule", "callbacks", "loaders"):
+            path = _unpicklable_path(job[key], key)
+            if path is not None:
+                raise MisconfigurationException(
+                    f"{path} cannot be pickled, so it cannot be shipped to the Ray workers "
+                    f"({error}). Create it inside setup()/configure_model() instead of "
+                    "__init__, or drop it."
+                ) from error
+        raise
+
+
+def _unpicklable_path(obj: Any, path: str, depth: int = 0) -> str | None:
+    try:
+        cloudpickle.dumps(obj)
+        return None
+    except Exception:
+        pass
+    if depth > 4:
+        return f"{path} ({type(obj).__name__})"
+    children: list[tuple[str, Any]] = []
+    if isinstance(obj, dict):
+        children = [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+    elif isinstance(obj, list | tuple):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    elif hasattr(obj, "__dict__"):
+        state = obj.__getstate__() if hasattr(obj, "__getstate__") else vars(obj)
+        if isinstance(state, dict):
+            name = type(obj).__name__ if depth == 0 else path
+            if isinstance(obj, torch.nn.Module):
+                state = {k: v for k, v in state.items() if k != "_modules"} | dict(obj._modules)
+            children = [(f"{name}.{k}", v) for k, v in state.items()]
+    for child_path, child in children:
+        found = _unpicklable_path(child, child_path, depth + 1)
+        if found is not None:
+            return found
+    return f"{path} ({type(obj).__name__})"
+
+
+def _print_results(stage: str, results: list[dict[str, float]]) -> None:
+    for index, metrics in enumerate(results):
+        title = f"{stage} metrics" + (f" (dataloader {index})" if len(results) > 1 else "")
+        print(title, file=sys.stderr)
+        for name, value in sorted(metrics.items()):
+            print(f"  {name:<30} {value:.6g}", file=sys.stderr)
+

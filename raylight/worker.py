@@ -1,0 +1,357 @@
+"""The worker: one rank of the run, a plain class that ``group.py`` turns into a Ray actor.
+
+Each public method is one round trip from the driver. Setting a stage up follows
+Lightning's ``Trainer._run``: configure_callbacks -> prepare_data (local rank 0, then a
+barrier) -> setup -> configure_model -> device and DDP -> configure_optimizers ->
+checkpoint restore; the loops then run in ``loops.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from raylight import checkpoint, hooks, loops
+from raylight.config import MisconfigurationException, TrainerConfig
+from raylight.data import as_loader_list, distribute, limit_batches
+from raylight.datamodule import LightningDataModule
+from raylight.module import LightningModule
+from raylight.optim import LightningOptimizer, parse_optimizers
+from raylight.rank_trainer import RankTrainer
+
+_LOADER_HOOKS = {
+    "train": "train_dataloader",
+    "val": "val_dataloader",
+    "test": "test_dataloader",
+    "predict": "predict_dataloader",
+}
+
+
+class _TrainingStepModule(nn.Module):
+    """DDP wraps this, so ``training_step`` runs inside DDP's forward and backward syncs."""
+
+    def __init__(self, module: LightningModule, trainer: RankTrainer) -> None:
+        super().__init__()
+        self.module = module
+        self._trainer = trainer
+
+    def forward(self, batch: Any, batch_idx: int) -> Any:
+        return hooks.call_module(self._trainer, "training_step", batch, batch_idx)
+
+
+def _with_rank_context(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the rank, hook and batch to any exception, and run the ``on_exception`` hooks."""
+
+    @functools.wraps(method)
+    def wrapper(self: Worker, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException as error:
+            trainer = self.trainer
+            where = getattr(error, "_raylight_hook", None) or method.__name__
+            batch = trainer._batch_idx if trainer is not None else None
+            epoch = trainer.current_epoch if trainer is not None else None
+            detail = f"rank {self.rank} raised {type(error).__name__} in {where}"
+            if batch is not None:
+                detail += f" (epoch {epoch}, batch {batch})"
+            tb = "".join(traceback.format_exception(error))
+            if hasattr(error, "add_note"):
+                error.add_note(f"{detail}; traceback on that rank:\n{tb}")
+            if trainer is not None and trainer.lightning_module is not None:
+                try:
+                    hooks.call_callbacks(trainer, "on_exception", error)
+                except Exception as hook_error:  # the original error matters more
+                    error.add_note(f"on_exception also raised: {hook_error!r}")
+            raise
+
+    return wrapper
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.rank = -1
+        self.trainer: RankTrainer | None = None
+        self._group_info: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        # Ray prefixes this worker's stdout with its repr: "(rank=1 pid=...)".
+        return f"rank={self.rank}"
+
+    # ---- process group ----------------------------------------------------------------------
+    def node_info(self) -> dict[str, Any]:
+        import ray
+
+        context = ray.get_runtime_context()
+        return {
+            "node_ip": ray.util.get_node_ip_address(),
+            "node_id": context.get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "pid": os.getpid(),
+        }
+
+    def free_port(self) -> int:
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return sock.getsockname()[1]
+
+    def init_process_group(
+        self,
+        ranks: dict[str, int],
+        master_addr: str,
+        master_port: int,
+        backend: str,
+        timeout_s: float,
+        cpus: int,
+    ) -> None:
+        """Join the group; every rank must call this at about the same time."""
+        self.rank = ranks["RANK"]
+        self._group_info = ranks
+        os.environ.update({name: str(value) for name, value in ranks.items()})
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          OMP_NUM_THREADS=str(cpus))
+        torch.set_num_threads(cpus)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=ranks["RANK"],
+            world_size=ranks["WORLD_SIZE"],
+            timeout=timedelta(seconds=timeout_s),
+        )
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---- stage set-up --------------------------------------------------------------------------
+    @_with_rank_context
+    def setup(self, job: dict[str, Any]) -> None:
+        """Build this rank's trainer view for ``job['stage']`` (fit/validate/test/predict)."""
+        config: TrainerConfig = job["config"]
+        _restore_rng(job["rng_states"])
+        info = self._group_info
+        device = _device(job["use_gpu"])
+        trainer = self.trainer = RankTrainer(
+            config, info["RANK"], info["LOCAL_RANK"], info["NODE_RANK"], info["WORLD_SIZE"], device
+        )
+        module: LightningModule = job["module"]
+        trainer.lightning_module, trainer.datamodule = module, job["datamodule"]
+        trainer.callbacks = _ordered_callbacks(list(job["callbacks"]))
+        module.trainer = trainer
+        if trainer.datamodule is not None:
+            trainer.datamodule.trainer = trainer
+        trainer.callbacks = _ordered_callbacks(trainer.callbacks + _model_callbacks(trainer))
+        stage = job["stage"]
+        self._prepare_data(trainer)
+        _call_setup(trainer, stage)
+        hooks.call_module(trainer, "configure_model")
+        module.to(device)
+        module._device = device
+        if stage == "fit":
+            trainer.model = DistributedDataParallel(
+                _TrainingStepModule(module, trainer),
+                device_ids=[device.index] if device.type == "cuda" else None,
+            )
+            self._configure_optimizers(trainer)
+        if job.get("ckpt_path"):
+            checkpoint.restore(trainer, job["ckpt_path"], stage)
+        self._setup_loaders(trainer, stage, job["loaders"])
+
+    def _prepare_data(self, trainer: RankTrainer) -> None:
+        # Once per node (or once per cluster when prepare_data_per_node is False).
+        for owner in (trainer.datamodule, trainer.lightning_module):
+            if owner is None:
+                continue
+            per_node = getattr(owner, "prepare_data_per_node", True)
+            if (trainer.local_rank if per_node else trainer.global_rank) == 0:
+                if owner is trainer.datamodule:
+                    hooks.call_datamodule(trainer, "prepare_data")
+                else:
+                    hooks.call_module(trainer, "prepare_data")
+        trainer.strategy.barrier("prepare_data")
+
+    def _configure_optimizers(self, trainer: RankTrainer) -> None:
+        module = trainer.lightning_module
+        output = hooks.call_module(trainer, "configure_optimizers")
+        trainer.optimizers, trainer.lr_scheduler_configs = parse_optimizers(output)
+        if module.automatic_optimization and len(trainer.optimizers) > 1:
+            raise MisconfigurationException(
+                "Training with multiple optimizers is only supported with manual optimization: "
+                "set `self.automatic_optimization = False` and step them in training_step."
+            )
+        trainer._lightning_optimizers = [
+            LightningOptimizer(
+                opt,
+                trainer._after_closure,
+                trainer.precision_plugin.step,
+                trainer._on_optimizer_stepped,
+            )
+            for opt in trainer.optimizers
+        ]
+
+    def _setup_loaders(self, trainer: RankTrainer, stage: str, given: dict[str, Any]) -> None:
+        config = trainer.config
+        wanted = {"fit": ["val", "train"], "validate": ["val"], "test": ["test"],
+                  "predict": ["predict"]}[stage]
+        for kind in wanted:
+            loaders = [self._distribute(trainer, loader, kind) for loader in
+                       as_loader_list(_request_loaders(trainer, kind, given.get(kind)))]
+            if kind == "train":
+                if not loaders:
+                    raise MisconfigurationException(_no_train_loader())
+                trainer.train_dataloader = loaders[0]
+                trainer.num_training_batches = limit_batches(
+                    loaders[0], config.limit_train_batches, "limit_train_batches")
+            elif kind == "val":
+                trainer.val_dataloaders = loaders
+                trainer.num_val_batches = [
+                    limit_batches(lo, config.limit_val_batches, "limit_val_batches") for lo in loaders]
+                sanity = config.num_sanity_val_steps
+                trainer.num_sanity_val_batches = [
+                    n if sanity == -1 else min(n, sanity) for n in trainer.num_val_batches]
+            elif kind == "test":
+                trainer.test_dataloaders = loaders
+                trainer.num_test_batches = [
+                    limit_batches(lo, config.limit_test_batches, "limit_test_batches") for lo in loaders]
+            else:
+                trainer.predict_dataloaders = loaders
+                trainer.num_predict_batches = [
+                    limit_batches(lo, config.limit_predict_batches, "limit_predict_batches")
+                    for lo in loaders]
+
+    def _distribute(self, trainer: RankTrainer, loader: Any, kind: str) -> Any:
+        if not trainer.config.use_distributed_sampler:
+            return loader
+        mode = {"train": "train", "predict": "predict"}.get(kind, "eval")
+        seed = trainer.config.global_seed or 0
+        return distribute(loader, mode, trainer.world_size, trainer.global_rank, seed)
+
+    # ---- loops -------------------------------------------------------------------------------
+    @_with_rank_context
+    def fit_start(self, sanity_check: bool) -> dict[str, Any]:
+        loops.fit_start(self.trainer, sanity_check)
+        return loops.epoch_summary(self.trainer)
+
+    @_with_rank_context
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        return loops.train_epoch(self.trainer, epoch)
+
+    @_with_rank_context
+    def fit_end(self) -> dict[str, Any] | None:
+        """End the fit; rank 0 returns the trained weights and the callbacks' states."""
+        trainer = self.trainer
+        loops.fit_end(trainer)
+        _call_teardown(trainer, "fit")
+        if not trainer.is_global_zero:
+            return None
+        return {
+            "state_dict": {k: v.detach().cpu() for k, v in trainer.lightning_module.state_dict().items()},
+            "callback_states": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
+        }
+
+    @_with_rank_context
+    def evaluate(self, stage: str) -> list[dict[str, float]]:
+        trainer = self.trainer
+        if stage == "validate":
+            results = loops.run_evaluation(trainer, stage, trainer.val_dataloaders, trainer.num_val_batches)
+        else:
+            results = loops.run_evaluation(trainer, stage, trainer.test_dataloaders, trainer.num_test_batches)
+        _call_teardown(trainer, stage)
+        return results
+
+    @_with_rank_context
+    def predict(self) -> list[list[Any]]:
+        trainer = self.trainer
+        predictions = loops.run_predict(trainer, trainer.predict_dataloaders, trainer.num_predict_batches)
+        _call_teardown(trainer, "predict")
+        return predictions
+
+    @_with_rank_context
+    def metrics(self) -> dict[str, Any]:
+        return loops.epoch_summary(self.trainer)
+
+    @_with_rank_context
+    def save_checkpoint(self, filepath: str, weights_only: bool) -> None:
+        self.trainer.save_checkpoint(filepath, weights_only)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _device(use_gpu: bool) -> torch.device:
+    if use_gpu:
+        # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPU, which is then device 0.
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _restore_rng(states: tuple[Any, Any, torch.Tensor]) -> None:
+    """Start from the driver's generator states, as each process of a DDP script would."""
+    python_state, numpy_state, torch_state = states
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+
+
+def _ordered_callbacks(callbacks: list[Any]) -> list[Any]:
+    """Lightning runs checkpoint callbacks last; keep the rest in the user's order."""
+    monitoring = [cb for cb in callbacks if getattr(cb, "_saves_checkpoints", False)]
+    return [cb for cb in callbacks if cb not in monitoring] + monitoring
+
+
+def _model_callbacks(trainer: RankTrainer) -> list[Any]:
+    """``configure_callbacks`` replaces Trainer callbacks of the same type, as in Lightning."""
+    extra = hooks.call_module(trainer, "configure_callbacks") or []
+    if not isinstance(extra, list | tuple):
+        extra = [extra]
+    types = {type(cb) for cb in extra}
+    trainer.callbacks[:] = [cb for cb in trainer.callbacks if type(cb) not in types]
+    return list(extra)
+
+
+def _call_setup(trainer: RankTrainer, stage: str) -> None:
+    trainer.strategy.barrier("pre_setup")
+    hooks.call_datamodule(trainer, "setup", stage)
+    hooks.call(trainer, "setup", stage)
+    trainer.strategy.barrier("post_setup")
+
+
+def _call_teardown(trainer: RankTrainer, stage: str) -> None:
+    hooks.call_datamodule(trainer, "teardown", stage)
+    hooks.call(trainer, "teardown", stage)
+
+
+def _is_overridden(obj: Any, name: str) -> bool:
+    base = LightningDataModule if not isinstance(obj, LightningModule) else LightningModule
+    return obj is not None and getattr(type(obj), name, None) is not getattr(base, name)
+
+
+def _request_loaders(trainer: RankTrainer, kind: str, given: Any) -> Any:
+    """Explicit loaders win; then the datamodule's hook; then the module's."""
+    if given is not None:
+        return given
+    hook = _LOADER_HOOKS[kind]
+    if _is_overridden(trainer.datamodule, hook):
+        return hooks.call_datamodule(trainer, hook)
+    if _is_overridden(trainer.lightning_module, hook):
+        return hooks.call_module(trainer, hook)
+    return None
+
+
+def _no_train_loader() -> str:
+    return (
+        "No `train_dataloader()` method defined. The Trainer expects as minimum a "
+        "`training_step()`, `train_dataloader()` and `configure_optimizers()` to be defined: "
+        "define train_dataloader on the datamodule or module, or pass "
+        "trainer.fit(model, train_dataloaders=...)."
+    )
