@@ -1,6 +1,6 @@
 """raylight: the PyTorch Lightning programming model, distributed-first on Ray.
 
-    import raylight as pl
+import raylight as pl
 """
 
 from raylight import callbacks

@@ -34,7 +34,9 @@ def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
     if not weights_only:
         checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
         checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
-        checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
+        checkpoint["lr_schedulers"] = [
+            c.scheduler.state_dict() for c in trainer.lr_scheduler_configs
+        ]
         hooks.call(trainer, "on_save_checkpoint", checkpoint)
     if module.hparams:
         checkpoint["hparams_name"] = module._hparams_name
@@ -86,11 +88,16 @@ def restore(trainer: Any, filepath: str, stage: str) -> None:
     for callback in trainer.callbacks:
         if callback.state_key in states:
             callback.load_state_dict(states[callback.state_key])
-    for optimizer, state in zip(trainer.optimizers, checkpoint.get("optimizer_states", []), strict=False):
+    for optimizer, state in zip(
+        trainer.optimizers, checkpoint.get("optimizer_states", []), strict=False
+    ):
         optimizer.load_state_dict(state)
-    for config, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", []), strict=False):
+    for config, state in zip(
+        trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", []), strict=False
+    ):
         config.scheduler.load_state_dict(state)
     trainer.global_step = checkpoint["global_step"]
     trainer.current_epoch = checkpoint["epoch"] + 1
     trainer._batches_that_stepped = checkpoint.get("raylight", {}).get(
-        "batches_that_stepped", checkpoint["global_step"])
+        "batches_that_stepped", checkpoint["global_step"]
+    )

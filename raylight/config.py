@@ -111,8 +111,12 @@ def make_config(**flags: Any) -> TrainerConfig:  # noqa: C901 - one check per fl
     flags["max_epochs"] = _check_int("max_epochs", max_epochs, 0)
     flags["max_steps"] = max_steps
     flags["min_epochs"] = _check_int("min_epochs", flags["min_epochs"] or 0, 0)
-    for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches",
-                 "limit_predict_batches"):
+    for name in (
+        "limit_train_batches",
+        "limit_val_batches",
+        "limit_test_batches",
+        "limit_predict_batches",
+    ):
         flags[name] = _check_limit(name, 1.0 if flags[name] is None else flags[name])
     interval = flags["val_check_interval"]
     interval = 1.0 if interval is None else interval
@@ -125,11 +129,15 @@ def make_config(**flags: Any) -> TrainerConfig:  # noqa: C901 - one check per fl
     flags["val_check_interval"] = interval
     if flags["check_val_every_n_epoch"] is not None:
         _check_int("check_val_every_n_epoch", flags["check_val_every_n_epoch"], 1)
-    flags["num_sanity_val_steps"] = _check_int("num_sanity_val_steps", flags["num_sanity_val_steps"], -1)
+    flags["num_sanity_val_steps"] = _check_int(
+        "num_sanity_val_steps", flags["num_sanity_val_steps"], -1
+    )
     _check_int("accumulate_grad_batches", flags["accumulate_grad_batches"], 1)
     _check_int("log_every_n_steps", flags["log_every_n_steps"], 1)
     clip = flags["gradient_clip_val"]
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0):
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0
+    ):
         raise MisconfigurationException(
             f"Trainer(gradient_clip_val={clip!r}) is out of range: it takes a number >= 0."
         )
@@ -148,11 +156,20 @@ def make_config(**flags: Any) -> TrainerConfig:  # noqa: C901 - one check per fl
 
     if fast_dev_run:
         # Lightning: n batches of each loop, one epoch, no sanity check.
-        for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches",
-                     "limit_predict_batches"):
+        for name in (
+            "limit_train_batches",
+            "limit_val_batches",
+            "limit_test_batches",
+            "limit_predict_batches",
+        ):
             flags[name] = fast_dev_run
-        flags.update(max_epochs=1, max_steps=fast_dev_run, num_sanity_val_steps=0,
-                     val_check_interval=1.0, check_val_every_n_epoch=1)
+        flags.update(
+            max_epochs=1,
+            max_steps=fast_dev_run,
+            num_sanity_val_steps=0,
+            val_check_interval=1.0,
+            check_val_every_n_epoch=1,
+        )
     flags["default_root_dir"] = os.fspath(flags["default_root_dir"] or os.getcwd())
     return TrainerConfig(fast_dev_run=fast_dev_run, **flags)
 

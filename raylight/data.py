@@ -107,5 +107,8 @@ def set_epoch(loader: Any, epoch: int) -> None:
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     batch_sampler = getattr(loader, "batch_sampler", None)
-    if hasattr(getattr(batch_sampler, "sampler", None), "set_epoch") and batch_sampler.sampler is not sampler:
+    if (
+        hasattr(getattr(batch_sampler, "sampler", None), "set_epoch")
+        and batch_sampler.sampler is not sampler
+    ):
         batch_sampler.sampler.set_epoch(epoch)

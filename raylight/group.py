@@ -32,8 +32,12 @@ class ResourcesUnavailable(RuntimeError):
 
 
 def _format_resources(resources: dict[str, float]) -> str:
-    shown = {k: v for k, v in sorted(resources.items())
-             if not k.startswith(("node:", "accelerator_type")) and k not in ("memory", "object_store_memory")}
+    shown = {
+        k: v
+        for k, v in sorted(resources.items())
+        if not k.startswith(("node:", "accelerator_type"))
+        and k not in ("memory", "object_store_memory")
+    }
     return repr(shown)
 
 
@@ -47,7 +51,9 @@ def _describe_request(scaling: Scaling) -> str:
 class WorkerGroup:
     worker_cls = Worker
 
-    def __init__(self, scaling: Scaling, placement_timeout_s: float, placement_group: Any = None) -> None:
+    def __init__(
+        self, scaling: Scaling, placement_timeout_s: float, placement_group: Any = None
+    ) -> None:
         self.scaling = scaling
         self.placement_timeout_s = placement_timeout_s
         self._external_pg = placement_group
@@ -70,20 +76,28 @@ class WorkerGroup:
         actors = [
             remote_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=i + offset),
+                    self._pg, placement_group_bundle_index=i + offset
+                ),
                 **options,
             ).remote()
             for i in range(self.scaling.num_workers)
         ]
         self.actors = actors
-        infos = self.run_on_all("node_info", timeout_s=self.placement_timeout_s, what="worker start")
+        infos = self.run_on_all(
+            "node_info", timeout_s=self.placement_timeout_s, what="worker start"
+        )
         self._order_ranks(actors, infos)
         port = self.run_on_ranks([0], "free_port", timeout_s=60, what="rendezvous")[0]
         master_addr = self.infos[0]["node_ip"]
         refs = [
             actor.init_process_group.remote(
-                self._rank_env(rank), master_addr, port, backend, pg_timeout_s,
-                self.scaling.cpus_per_worker)
+                self._rank_env(rank),
+                master_addr,
+                port,
+                backend,
+                pg_timeout_s,
+                self.scaling.cpus_per_worker,
+            )
             for rank, actor in enumerate(self.actors)
         ]
         self.wait(refs, timeout_s=min(pg_timeout_s, 300), what="init_process_group")
@@ -115,8 +129,14 @@ class WorkerGroup:
         node_order: dict[str, int] = {}
         for info in infos:
             node_order.setdefault(info["node_id"], len(node_order))
-        order = sorted(range(len(actors)), key=lambda i: (
-            node_order[infos[i]["node_id"]], [int(g) for g in infos[i]["gpu_ids"] if g.isdigit()], i))
+        order = sorted(
+            range(len(actors)),
+            key=lambda i: (
+                node_order[infos[i]["node_id"]],
+                [int(g) for g in infos[i]["gpu_ids"] if g.isdigit()],
+                i,
+            ),
+        )
         self.actors = [actors[i] for i in order]
         self.infos = [infos[i] for i in order]
         per_node: dict[str, int] = {}
@@ -138,16 +158,27 @@ class WorkerGroup:
         }
 
     # ---- calls -----------------------------------------------------------------------------------
-    def run_on_all(self, method: str, *args: Any, timeout_s: float | None = None, what: str = "") -> list[Any]:
-        return self.run_on_ranks(range(len(self.actors)), method, *args, timeout_s=timeout_s, what=what)
+    def run_on_all(
+        self, method: str, *args: Any, timeout_s: float | None = None, what: str = ""
+    ) -> list[Any]:
+        return self.run_on_ranks(
+            range(len(self.actors)), method, *args, timeout_s=timeout_s, what=what
+        )
 
-    def run_on_ranks(self, ranks: Sequence[int], method: str, *args: Any,
-                     timeout_s: float | None = None, what: str = "") -> list[Any]:
+    def run_on_ranks(
+        self,
+        ranks: Sequence[int],
+        method: str,
+        *args: Any,
+        timeout_s: float | None = None,
+        what: str = "",
+    ) -> list[Any]:
         refs = [getattr(self.actors[r], method).remote(*args) for r in ranks]
         return self.wait(refs, timeout_s=timeout_s, what=what or method, ranks=list(ranks))
 
-    def wait(self, refs: list[Any], timeout_s: float | None, what: str,
-             ranks: list[int] | None = None) -> list[Any]:
+    def wait(
+        self, refs: list[Any], timeout_s: float | None, what: str, ranks: list[int] | None = None
+    ) -> list[Any]:
         """Results of ``refs`` in order; the first failure kills the group and raises."""
         ranks = ranks if ranks is not None else list(range(len(refs)))
         rank_of = {ref: rank for ref, rank in zip(refs, ranks, strict=True)}

@@ -157,11 +157,15 @@ class MetricLog:
             elif reduce_fx == "sum":
                 entry.total = entry.total + value
             else:
-                entry.total = torch.maximum(entry.total, value) if reduce_fx == "max" else (
-                    torch.minimum(entry.total, value)
+                entry.total = (
+                    torch.maximum(entry.total, value)
+                    if reduce_fx == "max"
+                    else (torch.minimum(entry.total, value))
                 )
 
-    def step_metrics(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def step_metrics(
+        self,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(callback, logger, progress bar) metrics of the latest step."""
         callback, logged, bar = {}, {}, {}
         for entry in self._entries.values():
@@ -175,7 +179,9 @@ class MetricLog:
                 bar[key] = entry.step_value
         return callback, logged, bar
 
-    def epoch_metrics(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def epoch_metrics(
+        self,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(callback, logger, progress bar) metrics at the end of the loop.
 
         With ``sync_dist`` every rank must reach this point: it runs collectives.
@@ -209,7 +215,9 @@ def _reduce_name(reduce_fx: Any) -> str:
     names = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
     name = names.get(reduce_fx, reduce_fx)
     if name not in _REDUCE_FX:
-        raise ValueError(f"reduce_fx={reduce_fx!r} is not supported: use one of {sorted(_REDUCE_FX)}.")
+        raise ValueError(
+            f"reduce_fx={reduce_fx!r} is not supported: use one of {sorted(_REDUCE_FX)}."
+        )
     return name
 
 

@@ -117,7 +117,7 @@ def epoch_summary(trainer: RankTrainer) -> dict[str, Any]:
 
 # ---- one training batch -------------------------------------------------------------------
 def _automatic_step(trainer: RankTrainer, batch: Any, batch_idx: int, num_batches: int) -> Any:
-    config, module = trainer.config, trainer.lightning_module
+    config = trainer.config
     if not trainer.optimizers:
         return _run_training_step(trainer, batch, batch_idx)
     optimizer = trainer._lightning_optimizers[0]
@@ -133,7 +133,13 @@ def _automatic_step(trainer: RankTrainer, batch: Any, batch_idx: int, num_batche
         output["value"] = step_output
         if zero_grad_now:
             hooks.call(trainer, "on_before_zero_grad", optimizer.optimizer)
-            hooks.call_module(trainer, "optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer.optimizer)
+            hooks.call_module(
+                trainer,
+                "optimizer_zero_grad",
+                trainer.current_epoch,
+                batch_idx,
+                optimizer.optimizer,
+            )
         if loss is None:
             return None
         scaled = loss / accumulate if accumulate > 1 else loss
@@ -143,7 +149,9 @@ def _automatic_step(trainer: RankTrainer, batch: Any, batch_idx: int, num_batche
         return loss.detach()
 
     if steps_now:
-        hooks.call_module(trainer, "optimizer_step", trainer.current_epoch, batch_idx, optimizer, closure)
+        hooks.call_module(
+            trainer, "optimizer_step", trainer.current_epoch, batch_idx, optimizer, closure
+        )
     else:
         with trainer.model.no_sync():  # gradients sync once per window, on its last batch
             closure()
@@ -189,14 +197,18 @@ def _batch_end_outputs(step_output: Any) -> Any:
     if isinstance(step_output, torch.Tensor):
         return {"loss": step_output.detach()}
     if isinstance(step_output, dict):
-        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in step_output.items()}
+        return {
+            k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in step_output.items()
+        }
     return step_output
 
 
 def transfer_batch(trainer: RankTrainer, batch: Any, dataloader_idx: int) -> Any:
     """Lightning's three batch-transfer hooks (datamodule first for the before/after ones)."""
     batch = _transfer_hook(trainer, "on_before_batch_transfer", batch, dataloader_idx)
-    batch = hooks.call_module(trainer, "transfer_batch_to_device", batch, trainer.device, dataloader_idx)
+    batch = hooks.call_module(
+        trainer, "transfer_batch_to_device", batch, trainer.device, dataloader_idx
+    )
     return _transfer_hook(trainer, "on_after_batch_transfer", batch, dataloader_idx)
 
 
@@ -294,7 +306,6 @@ def run_evaluation(
     step_name = "validation_step" if stage == "validate" else "test_step"
     previous_stage, trainer.stage = trainer.stage, stage
     results = trainer._results = MetricLog(trainer._all_reduce)
-    module = trainer.lightning_module
     hooks.call_module(trainer, f"on_{prefix}_model_eval")
     grad_context = torch.inference_mode if trainer.config.inference_mode else torch.no_grad
     with grad_context():

@@ -10,8 +10,15 @@ import torch
 
 from raylight.config import MisconfigurationException
 
-_SCHEDULER_KEYS = {"scheduler", "interval", "frequency", "monitor", "strict", "name",
-                   "reduce_on_plateau"}
+_SCHEDULER_KEYS = {
+    "scheduler",
+    "interval",
+    "frequency",
+    "monitor",
+    "strict",
+    "name",
+    "reduce_on_plateau",
+}
 
 
 @dataclass

@@ -18,8 +18,12 @@ from raylight import hooks
 from raylight.config import TrainerConfig
 from raylight.logging import MetricLog
 
-_REDUCE_OPS = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM,
-               "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+_REDUCE_OPS = {
+    "mean": dist.ReduceOp.SUM,
+    "sum": dist.ReduceOp.SUM,
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+}
 
 
 class _Strategy:
@@ -59,9 +63,7 @@ class _Precision:
     def __init__(self, precision: str, device: torch.device) -> None:
         self.precision = precision
         self.device = device
-        self.scaler = (
-            torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
-        )
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "bf16-mixed":
@@ -199,8 +201,10 @@ class RankTrainer:
     # ---- services for hooks --------------------------------------------------------------
     def _log(self, fx: str | None, name: str, value: Any, **kwargs: Any) -> None:
         if self._results is None:
-            raise ValueError(f"`self.log({name!r}, ...)` is only allowed inside a training, "
-                             "validation or test loop.")
+            raise ValueError(
+                f"`self.log({name!r}, ...)` is only allowed inside a training, "
+                "validation or test loop."
+            )
         self._results.log(fx, name, value, **kwargs)
 
     def _all_reduce(self, tensor: torch.Tensor, reduce_fx: str) -> torch.Tensor:

@@ -71,20 +71,31 @@ class Trainer:
         ray_init_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.config = make_config(
-            max_epochs=max_epochs, min_epochs=min_epochs, max_steps=max_steps,
-            limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches,
-            limit_test_batches=limit_test_batches, limit_predict_batches=limit_predict_batches,
-            val_check_interval=val_check_interval, check_val_every_n_epoch=check_val_every_n_epoch,
+            max_epochs=max_epochs,
+            min_epochs=min_epochs,
+            max_steps=max_steps,
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            val_check_interval=val_check_interval,
+            check_val_every_n_epoch=check_val_every_n_epoch,
             num_sanity_val_steps=2 if num_sanity_val_steps is None else num_sanity_val_steps,
-            accumulate_grad_batches=accumulate_grad_batches, gradient_clip_val=gradient_clip_val,
-            gradient_clip_algorithm=gradient_clip_algorithm, precision=precision,
+            accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
+            precision=precision,
             log_every_n_steps=50 if log_every_n_steps is None else log_every_n_steps,
-            fast_dev_run=fast_dev_run, deterministic=bool(deterministic),
-            default_root_dir=default_root_dir, use_distributed_sampler=use_distributed_sampler,
-            inference_mode=inference_mode, process_group_timeout_s=process_group_timeout_s,
+            fast_dev_run=fast_dev_run,
+            deterministic=bool(deterministic),
+            default_root_dir=default_root_dir,
+            use_distributed_sampler=use_distributed_sampler,
+            inference_mode=inference_mode,
+            process_group_timeout_s=process_group_timeout_s,
         )
-        self.scaling = make_scaling(num_workers, use_gpu, resources_per_worker, accelerator,
-                                    devices, num_nodes, gpus)
+        self.scaling = make_scaling(
+            num_workers, use_gpu, resources_per_worker, accelerator, devices, num_nodes, gpus
+        )
         if strategy not in (None, "auto", "ddp", "ddp_spawn"):
             raise MisconfigurationException(
                 f"Trainer(strategy={strategy!r}) is not supported: raylight always runs DDP "
@@ -163,7 +174,9 @@ class Trainer:
         loaders = {"train": train_dataloaders, "val": val_dataloaders}
         group = self._prepare(model, datamodule, "fit", loaders, ckpt_path)
         self.should_stop = False
-        summary = group.run_on_all("fit_start", self.config.num_sanity_val_steps != 0 and not ckpt_path)[0]
+        summary = group.run_on_all(
+            "fit_start", self.config.num_sanity_val_steps != 0 and not ckpt_path
+        )[0]
         self._absorb(summary)
         epoch = self.current_epoch
         while not self._fit_done(epoch):
@@ -177,19 +190,34 @@ class Trainer:
             if callback.state_key in final["callback_states"]:
                 callback.load_state_dict(final["callback_states"][callback.state_key])
 
-    def validate(self, model: LightningModule | None = None, dataloaders: Any = None,
-                 ckpt_path: str | None = None, verbose: bool = True,
-                 datamodule: LightningDataModule | None = None) -> list[dict[str, float]]:
+    def validate(
+        self,
+        model: LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: LightningDataModule | None = None,
+    ) -> list[dict[str, float]]:
         return self._evaluate("validate", model, dataloaders, ckpt_path, verbose, datamodule)
 
-    def test(self, model: LightningModule | None = None, dataloaders: Any = None,
-             ckpt_path: str | None = None, verbose: bool = True,
-             datamodule: LightningDataModule | None = None) -> list[dict[str, float]]:
+    def test(
+        self,
+        model: LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: LightningDataModule | None = None,
+    ) -> list[dict[str, float]]:
         return self._evaluate("test", model, dataloaders, ckpt_path, verbose, datamodule)
 
-    def predict(self, model: LightningModule | None = None, dataloaders: Any = None,
-                datamodule: LightningDataModule | None = None, return_predictions: bool = True,
-                ckpt_path: str | None = None) -> list[Any] | None:
+    def predict(
+        self,
+        model: LightningModule | None = None,
+        dataloaders: Any = None,
+        datamodule: LightningDataModule | None = None,
+        return_predictions: bool = True,
+        ckpt_path: str | None = None,
+    ) -> list[Any] | None:
         """Predictions of every rank, in dataset order (each rank reads a contiguous slice)."""
         model, datamodule = self._resolve_eval_inputs("predict", model, dataloaders, datamodule)
         group = self._prepare(model, datamodule, "predict", {"predict": dataloaders}, ckpt_path)
@@ -218,17 +246,28 @@ class Trainer:
             pass
 
     # ---- internals -------------------------------------------------------------------------------
-    def _evaluate(self, stage: str, model: Any, dataloaders: Any, ckpt_path: str | None,
-                  verbose: bool, datamodule: Any) -> list[dict[str, float]]:
+    def _evaluate(
+        self,
+        stage: str,
+        model: Any,
+        dataloaders: Any,
+        ckpt_path: str | None,
+        verbose: bool,
+        datamodule: Any,
+    ) -> list[dict[str, float]]:
         model, datamodule = self._resolve_eval_inputs(stage, model, dataloaders, datamodule)
-        group = self._prepare(model, datamodule, stage, {_STAGE_LOADER[stage]: dataloaders}, ckpt_path)
+        group = self._prepare(
+            model, datamodule, stage, {_STAGE_LOADER[stage]: dataloaders}, ckpt_path
+        )
         results = group.run_on_all("evaluate", stage, what=stage)[0]
         self._absorb(group.run_on_ranks([0], "metrics")[0])
         if verbose and self.enable_progress_bar:
             _print_results(stage, results)
         return results
 
-    def _resolve_eval_inputs(self, stage: str, model: Any, dataloaders: Any, datamodule: Any) -> tuple[Any, Any]:
+    def _resolve_eval_inputs(
+        self, stage: str, model: Any, dataloaders: Any, datamodule: Any
+    ) -> tuple[Any, Any]:
         if isinstance(dataloaders, LightningDataModule):
             datamodule, dataloaders = dataloaders, None
         model = model if model is not None else self.lightning_module
@@ -244,8 +283,14 @@ class Trainer:
             datamodule = self.datamodule
         return model, datamodule
 
-    def _prepare(self, model: LightningModule, datamodule: Any, stage: str,
-                 loaders: dict[str, Any], ckpt_path: str | None) -> WorkerGroup:
+    def _prepare(
+        self,
+        model: LightningModule,
+        datamodule: Any,
+        stage: str,
+        loaders: dict[str, Any],
+        ckpt_path: str | None,
+    ) -> WorkerGroup:
         """Start the workers if needed, then ship this call's objects to them once."""
         self.lightning_module, self.datamodule = model, datamodule
         group = self._ensure_group()
@@ -271,8 +316,11 @@ class Trainer:
         self._connect()
         group = self.worker_group_cls(self.scaling, self.placement_timeout_s)
         backend = "nccl" if self.scaling.use_gpu else "gloo"
-        group.start(backend, self.config.process_group_timeout_s,
-                    {"OMP_NUM_THREADS": str(self.scaling.cpus_per_worker)})
+        group.start(
+            backend,
+            self.config.process_group_timeout_s,
+            {"OMP_NUM_THREADS": str(self.scaling.cpus_per_worker)},
+        )
         self._group = group
         return group
 
@@ -317,8 +365,11 @@ class Trainer:
             return
         shown = {**summary["progress_bar_metrics"]}
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
-        print(f"Epoch {summary['epoch']}: step {summary['global_step']} {metrics}".rstrip(),
-              file=sys.stderr, flush=True)
+        print(
+            f"Epoch {summary['epoch']}: step {summary['global_step']} {metrics}".rstrip(),
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ---- checks -------------------------------------------------------------------------------------
@@ -339,8 +390,10 @@ def _check_fit_inputs(model: Any, train_dataloaders: Any, datamodule: Any) -> No
         )
     has_loader = (
         train_dataloaders is not None
-        or (datamodule is not None
-            and type(datamodule).train_dataloader is not LightningDataModule.train_dataloader)
+        or (
+            datamodule is not None
+            and type(datamodule).train_dataloader is not LightningDataModule.train_dataloader
+        )
         or type(model).train_dataloader is not LightningModule.train_dataloader
     )
     if not has_loader:
@@ -406,4 +459,3 @@ def _print_results(stage: str, results: list[dict[str, float]]) -> None:
         print(title, file=sys.stderr)
         for name, value in sorted(metrics.items()):
             print(f"  {name:<30} {value:.6g}", file=sys.stderr)
-

@@ -119,8 +119,9 @@ class Worker:
         self.rank = ranks["RANK"]
         self._group_info = ranks
         os.environ.update({name: str(value) for name, value in ranks.items()})
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
-                          OMP_NUM_THREADS=str(cpus))
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), OMP_NUM_THREADS=str(cpus)
+        )
         torch.set_num_threads(cpus)
         dist.init_process_group(
             backend,
@@ -202,33 +203,46 @@ class Worker:
 
     def _setup_loaders(self, trainer: RankTrainer, stage: str, given: dict[str, Any]) -> None:
         config = trainer.config
-        wanted = {"fit": ["val", "train"], "validate": ["val"], "test": ["test"],
-                  "predict": ["predict"]}[stage]
+        wanted = {
+            "fit": ["val", "train"],
+            "validate": ["val"],
+            "test": ["test"],
+            "predict": ["predict"],
+        }[stage]
         for kind in wanted:
-            loaders = [self._distribute(trainer, loader, kind) for loader in
-                       as_loader_list(_request_loaders(trainer, kind, given.get(kind)))]
+            loaders = [
+                self._distribute(trainer, loader, kind)
+                for loader in as_loader_list(_request_loaders(trainer, kind, given.get(kind)))
+            ]
             if kind == "train":
                 if not loaders:
                     raise MisconfigurationException(_no_train_loader())
                 trainer.train_dataloader = loaders[0]
                 trainer.num_training_batches = limit_batches(
-                    loaders[0], config.limit_train_batches, "limit_train_batches")
+                    loaders[0], config.limit_train_batches, "limit_train_batches"
+                )
             elif kind == "val":
                 trainer.val_dataloaders = loaders
                 trainer.num_val_batches = [
-                    limit_batches(lo, config.limit_val_batches, "limit_val_batches") for lo in loaders]
+                    limit_batches(lo, config.limit_val_batches, "limit_val_batches")
+                    for lo in loaders
+                ]
                 sanity = config.num_sanity_val_steps
                 trainer.num_sanity_val_batches = [
-                    n if sanity == -1 else min(n, sanity) for n in trainer.num_val_batches]
+                    n if sanity == -1 else min(n, sanity) for n in trainer.num_val_batches
+                ]
             elif kind == "test":
                 trainer.test_dataloaders = loaders
                 trainer.num_test_batches = [
-                    limit_batches(lo, config.limit_test_batches, "limit_test_batches") for lo in loaders]
+                    limit_batches(lo, config.limit_test_batches, "limit_test_batches")
+                    for lo in loaders
+                ]
             else:
                 trainer.predict_dataloaders = loaders
                 trainer.num_predict_batches = [
                     limit_batches(lo, config.limit_predict_batches, "limit_predict_batches")
-                    for lo in loaders]
+                    for lo in loaders
+                ]
 
     def _distribute(self, trainer: RankTrainer, loader: Any, kind: str) -> Any:
         if not trainer.config.use_distributed_sampler:
@@ -256,7 +270,9 @@ class Worker:
         if not trainer.is_global_zero:
             return None
         return {
-            "state_dict": {k: v.detach().cpu() for k, v in trainer.lightning_module.state_dict().items()},
+            "state_dict": {
+                k: v.detach().cpu() for k, v in trainer.lightning_module.state_dict().items()
+            },
             "callback_states": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
         }
 
@@ -264,16 +280,22 @@ class Worker:
     def evaluate(self, stage: str) -> list[dict[str, float]]:
         trainer = self.trainer
         if stage == "validate":
-            results = loops.run_evaluation(trainer, stage, trainer.val_dataloaders, trainer.num_val_batches)
+            results = loops.run_evaluation(
+                trainer, stage, trainer.val_dataloaders, trainer.num_val_batches
+            )
         else:
-            results = loops.run_evaluation(trainer, stage, trainer.test_dataloaders, trainer.num_test_batches)
+            results = loops.run_evaluation(
+                trainer, stage, trainer.test_dataloaders, trainer.num_test_batches
+            )
         _call_teardown(trainer, stage)
         return results
 
     @_with_rank_context
     def predict(self) -> list[list[Any]]:
         trainer = self.trainer
-        predictions = loops.run_predict(trainer, trainer.predict_dataloaders, trainer.num_predict_batches)
+        predictions = loops.run_predict(
+            trainer, trainer.predict_dataloaders, trainer.num_predict_batches
+        )
         _call_teardown(trainer, "predict")
         return predictions
 
