@@ -68,6 +68,7 @@ class TrainerConfig:
     default_root_dir: str = field(default_factory=os.getcwd)
     use_distributed_sampler: bool = True
     inference_mode: bool = True
+    find_unused_parameters: bool = False
     process_group_timeout_s: float = 1800.0
     global_seed: int | None = None
 
@@ -195,9 +196,11 @@ def make_scaling(  # noqa: C901 - two spellings of the same flags
         raise MisconfigurationException(
             f"Trainer(accelerator={accelerator!r}) is not supported: use 'cpu', 'gpu' or 'auto'."
         )
-    if isinstance(devices, list):
+    if isinstance(devices, str) and "," in devices:  # "0,1": Lightning's GPU-id list
+        devices = [int(d) for d in devices.split(",") if d.strip()]
+    if isinstance(devices, list | tuple):
         devices = len(devices)
-    if devices in ("auto", -1):
+    if devices in ("auto", -1, "-1"):
         devices = None
     if isinstance(devices, str):
         devices = int(devices)

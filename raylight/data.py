@@ -9,7 +9,10 @@ from typing import Any
 
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, Sampler
 
+from raylight import hooks
 from raylight.config import MisconfigurationException
+from raylight.datamodule import LightningDataModule
+from raylight.module import LightningModule
 
 
 class ContiguousSampler(Sampler[int]):
@@ -52,7 +55,7 @@ def distribute(loader: Any, mode: str, num_replicas: int, rank: int, seed: int) 
         return loader
     if isinstance(loader.sampler, DistributedSampler | ContiguousSampler):
         return loader
-    if loader.batch_size is None:
+    if loader.batch_size is None and loader.batch_sampler is not None:
         raise MisconfigurationException(
             "A DataLoader with a custom batch_sampler cannot be split across ranks "
             "automatically: give it a DistributedSampler yourself and set "
@@ -73,9 +76,9 @@ def distribute(loader: Any, mode: str, num_replicas: int, rank: int, seed: int) 
     # DataLoader forbids re-setting these after __init__; a shallow copy keeps every
     # other argument (workers, collate_fn, pin_memory, generator) exactly as given.
     object.__setattr__(distributed, "sampler", sampler)
-    object.__setattr__(
-        distributed, "batch_sampler", BatchSampler(sampler, loader.batch_size, loader.drop_last)
-    )
+    if loader.batch_size is not None:  # batch_size=None: no automatic batching, one sample each
+        batch_sampler = BatchSampler(sampler, loader.batch_size, loader.drop_last)
+        object.__setattr__(distributed, "batch_sampler", batch_sampler)
     object.__setattr__(distributed, "_iterator", None)
     return distributed
 
@@ -112,3 +115,57 @@ def set_epoch(loader: Any, epoch: int) -> None:
         and batch_sampler.sampler is not sampler
     ):
         batch_sampler.sampler.set_epoch(epoch)
+
+
+# ---- requesting a rank's loaders -----------------------------------------------------------------
+_HOOKS = {
+    "train": "train_dataloader",
+    "val": "val_dataloader",
+    "test": "test_dataloader",
+    "predict": "predict_dataloader",
+}
+_LIMITS = {
+    "train": "limit_train_batches",
+    "val": "limit_val_batches",
+    "test": "limit_test_batches",
+    "predict": "limit_predict_batches",
+}
+
+
+def is_overridden(obj: Any, name: str) -> bool:
+    if obj is None:
+        return False
+    base = LightningModule if isinstance(obj, LightningModule) else LightningDataModule
+    return getattr(type(obj), name, None) is not getattr(base, name)
+
+
+def has_source(trainer: Any, kind: str) -> bool:
+    """Whether ``kind`` loaders exist, without calling the hook (Lightning asks it late)."""
+    hook = _HOOKS[kind]
+    return (
+        trainer._loader_sources.get(kind) is not None
+        or is_overridden(trainer.datamodule, hook)
+        or is_overridden(trainer.lightning_module, hook)
+    )
+
+
+def request_loaders(trainer: Any, kind: str) -> tuple[list[Any], list[int | float]]:
+    """Ask for ``kind`` loaders as Lightning does: given ones, else the datamodule's, else the
+    module's hook. Returns the distributed loaders and how many batches each loop runs."""
+    loaders = trainer._loader_sources.get(kind)
+    hook = _HOOKS[kind]
+    if loaders is None and is_overridden(trainer.datamodule, hook):
+        loaders = hooks.call_datamodule(trainer, hook)
+    elif loaders is None and is_overridden(trainer.lightning_module, hook):
+        loaders = hooks.call_module(trainer, hook)
+    config = trainer.config
+    mode = {"train": "train", "predict": "predict"}.get(kind, "eval")
+    distributed = [
+        distribute(lo, mode, trainer.world_size, trainer.global_rank, config.global_seed or 0)
+        if config.use_distributed_sampler
+        else lo
+        for lo in as_loader_list(loaders)
+    ]
+    limit_name = _LIMITS[kind]
+    limits = [limit_batches(lo, getattr(config, limit_name), limit_name) for lo in distributed]
+    return distributed, limits

@@ -7,6 +7,8 @@ the failed one would otherwise wait for the process-group timeout.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -72,6 +74,7 @@ class WorkerGroup:
             "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
             "runtime_env": {"env_vars": env_vars} if env_vars else None,
         }
+        driver_sys_path = [os.path.abspath(p or os.curdir) for p in sys.path]
         offset = 1 if self._external_pg is not None else 0  # Tune: bundle 0 is the trial driver
         actors = [
             remote_cls.options(
@@ -79,7 +82,7 @@ class WorkerGroup:
                     self._pg, placement_group_bundle_index=i + offset
                 ),
                 **options,
-            ).remote()
+            ).remote(driver_sys_path)
             for i in range(self.scaling.num_workers)
         ]
         self.actors = actors

@@ -33,7 +33,9 @@ _DEFAULTS: dict[str, tuple[bool, bool]] = {
             "on_before_optimizer_step",
             "on_before_zero_grad",
             "optimizer_step",
-            "lr_scheduler_step",
+            "optimizer_zero_grad",
+            "backward",
+            "configure_gradient_clipping",
         ],
         _STEP,
     ),
@@ -54,8 +56,6 @@ _DEFAULTS: dict[str, tuple[bool, bool]] = {
             "on_test_batch_start",
             "on_test_batch_end",
             "test_step",
-            "on_validation_end",
-            "on_test_end",
         ],
         _EPOCH,
     ),
@@ -65,18 +65,23 @@ _REDUCE_FX = {"mean", "sum", "max", "min"}
 
 def extract_batch_size(batch: Any) -> int:
     """The size of the first tensor's leading dimension in a (nested) batch; 1 if none."""
+    size = _first_tensor_size(batch)
+    return 1 if size is None else size
+
+
+def _first_tensor_size(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return 1 if batch.ndim == 0 else len(batch)
     if isinstance(batch, str):
-        return 1
+        return None
     if isinstance(batch, Mapping):
         batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
+    if isinstance(batch, list | tuple):
         for item in batch:
-            size = extract_batch_size(item)
+            size = _first_tensor_size(item)
             if size is not None:
                 return size
-    return 1
+    return None
 
 
 @dataclass

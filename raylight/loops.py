@@ -9,6 +9,7 @@ mid-epoch validation. Hooks run through ``hooks.call`` in Lightning 2.x's order
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from raylight import hooks
 from raylight.config import MisconfigurationException
-from raylight.data import set_epoch
+from raylight.data import has_source, is_overridden, request_loaders, set_epoch
 from raylight.logging import MetricLog, to_floats
 from raylight.module import LightningModule, move_data_to_device
 from raylight.rank_trainer import RankTrainer
@@ -24,26 +25,37 @@ from raylight.rank_trainer import RankTrainer
 
 # ---- fit ----------------------------------------------------------------------------------
 def fit_start(trainer: RankTrainer, sanity_check: bool) -> None:
-    """``on_fit_start``, the sanity check, then ``on_train_start``."""
+    """``on_fit_start``, the sanity check, then ``on_train_start``.
+
+    Loaders are requested where Lightning requests them: the val loaders when the first
+    validation starts, the train loader right before ``on_train_start``.
+    """
     hooks.call(trainer, "on_fit_start")
-    if sanity_check and _has_validation(trainer) and any(trainer.num_sanity_val_batches):
+    trainer.lightning_module.zero_grad(set_to_none=True)
+    if sanity_check and _validation_enabled(trainer):
         trainer.sanity_checking = True
         hooks.call_callbacks(trainer, "on_sanity_check_start")
-        run_evaluation(trainer, "validate", trainer.val_dataloaders, trainer.num_sanity_val_batches)
+        _ensure_val_loaders(trainer)
+        sanity = trainer.config.num_sanity_val_steps
+        limits = [n if sanity == -1 else min(n, sanity) for n in trainer.num_val_batches]
+        if any(limits):
+            run_evaluation(trainer, "validate", trainer.val_dataloaders, limits)
         hooks.call_callbacks(trainer, "on_sanity_check_end")
         trainer.sanity_checking = False
         # Sanity-check metrics are not real results: Lightning drops them.
         trainer.callback_metrics, trainer.logged_metrics = {}, {}
         trainer.progress_bar_metrics = {}
         trainer._log_rows.clear()
+    loaders, limits = request_loaders(trainer, "train")
+    if not loaders:
+        raise MisconfigurationException(NO_TRAIN_LOADER)
+    trainer.train_dataloader, trainer.num_training_batches = loaders[0], limits[0]
     trainer.stage = "train"
-    trainer.lightning_module.train()
     hooks.call(trainer, "on_train_start")
 
 
 def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     """Run epoch ``epoch`` on this rank: its batches, its validations, its epoch-end hooks."""
-    config, module = trainer.config, trainer.lightning_module
     trainer.current_epoch, trainer.stage = epoch, "train"
     results = trainer._results = MetricLog(trainer._all_reduce)
     loader = trainer.train_dataloader
@@ -51,47 +63,63 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     num_batches = trainer.num_training_batches
     val_every = _val_check_batches(trainer)
 
-    module.train()
     hooks.call(trainer, "on_train_epoch_start")
     batch_idx = -1
-    for batch_idx, batch in enumerate(loader):
-        if batch_idx >= num_batches:
+    for batch_idx, batch in enumerate(_limited(loader, num_batches)):
+        if not _train_batch(trainer, results, batch, batch_idx, num_batches, val_every):
             break
-        trainer._batch_idx = batch_idx
-        batch = transfer_batch(trainer, batch, 0)
-        results.batch = batch
-        if hooks.call(trainer, "on_train_batch_start", batch, batch_idx) == -1:
-            break  # Lightning: returning -1 ends the epoch early
-        stepped_before = trainer.global_step
-        if module.automatic_optimization:
-            outputs = _automatic_step(trainer, batch, batch_idx, num_batches)
-        else:
-            outputs = _manual_step(trainer, batch, batch_idx)
-        trainer._results = results  # a hook may have run a nested loop
-        hooks.call(trainer, "on_train_batch_end", outputs, batch, batch_idx)
-        stepped = trainer.global_step > stepped_before
-        _publish_step_metrics(trainer, results, stepped)
-        if stepped:
-            _step_schedulers(trainer, "step")
-        stopping = trainer.should_stop and epoch + 1 >= config.min_epochs
-        last = batch_idx + 1 == num_batches
-        if val_every and (((batch_idx + 1) % val_every == 0 and not last) or stopping):
-            _validate_during_fit(trainer)
-            trainer._results = results
-        if stopping or _max_steps_reached(trainer):
-            break
-    trainer._batch_idx = None
 
-    if val_every and batch_idx + 1 == num_batches and _val_due_this_epoch(trainer):
+    if val_every and batch_idx + 1 == num_batches:
         _validate_during_fit(trainer)
         trainer._results = results
     hooks.call(trainer, "on_train_epoch_end", monitoring_last=True)
     callback, logged, bar = results.epoch_metrics()
     _merge_metrics(trainer, callback, logged, bar)
-    _step_schedulers(trainer, "epoch")
+    _step_schedulers(trainer, "epoch", epoch + 1, plateau=True)
     if logged:
         trainer._log_rows.append((trainer._batches_that_stepped - 1, _with_epoch(trainer, logged)))
     return epoch_summary(trainer)
+
+
+def _train_batch(
+    trainer: RankTrainer,
+    results: MetricLog,
+    batch: Any,
+    batch_idx: int,
+    num_batches: int | float,
+    val_every: int,
+) -> bool:
+    """One training batch, its scheduler steps and any validation due; False ends the epoch."""
+    epoch, module = trainer.current_epoch, trainer.lightning_module
+    trainer._batch_idx = batch_idx
+    batch = transfer_batch(trainer, batch, 0)
+    results.batch = batch
+    if hooks.call(trainer, "on_train_batch_start", batch, batch_idx) == -1:
+        return False  # Lightning: returning -1 ends the epoch early
+    stepped_before = trainer.global_step
+    if module.automatic_optimization:
+        outputs = _automatic_step(trainer, batch, batch_idx, num_batches)
+    else:
+        outputs = _manual_step(trainer, batch, batch_idx)
+    stepped = trainer.global_step > stepped_before
+    last = batch_idx + 1 == num_batches
+    # Lightning steps schedulers before on_train_batch_end; epoch-interval ones on the
+    # epoch's last batch, before its validation; plateau ones once their metric exists.
+    if stepped:
+        _step_schedulers(trainer, "step", batch_idx + 1, plateau=False)
+    if last:
+        _step_schedulers(trainer, "epoch", epoch + 1, plateau=False)
+    trainer._results = results  # a hook may have run a nested loop
+    hooks.call(trainer, "on_train_batch_end", outputs, batch, batch_idx)
+    _publish_step_metrics(trainer, results, stepped)
+    stopping = trainer.should_stop and epoch + 1 >= trainer.config.min_epochs
+    if val_every and (((batch_idx + 1) % val_every == 0 and not last) or stopping):
+        _validate_during_fit(trainer)
+        trainer._results = results
+    if stepped:
+        _step_schedulers(trainer, "step", batch_idx + 1, plateau=True)
+    trainer._batch_idx = None
+    return not (stopping or _max_steps_reached(trainer))
 
 
 def fit_end(trainer: RankTrainer) -> None:
@@ -160,6 +188,8 @@ def _automatic_step(trainer: RankTrainer, batch: Any, batch_idx: int, num_batche
 
 def _manual_step(trainer: RankTrainer, batch: Any, batch_idx: int) -> Any:
     output = _run_training_step(trainer, batch, batch_idx)
+    trainer.model.require_backward_grad_sync = True
+    trainer.model.require_forward_param_sync = True
     if output is not None and not isinstance(output, torch.Tensor | dict):
         raise MisconfigurationException(_bad_step_output(output))
     return output
@@ -203,6 +233,19 @@ def _batch_end_outputs(step_output: Any) -> Any:
     return step_output
 
 
+NO_TRAIN_LOADER = (
+    "No `train_dataloader()` method defined. The Trainer expects as minimum a "
+    "`training_step()`, `train_dataloader()` and `configure_optimizers()` to be defined: "
+    "define train_dataloader on the datamodule or module, or pass "
+    "trainer.fit(model, train_dataloaders=...)."
+)
+
+
+def _limited(loader: Any, limit: int | float) -> Any:
+    """The loader's first ``limit`` batches, without starting an extra fetch past them."""
+    return loader if limit == math.inf else itertools.islice(loader, int(limit))
+
+
 def transfer_batch(trainer: RankTrainer, batch: Any, dataloader_idx: int) -> Any:
     """Lightning's three batch-transfer hooks (datamodule first for the before/after ones)."""
     batch = _transfer_hook(trainer, "on_before_batch_transfer", batch, dataloader_idx)
@@ -213,8 +256,11 @@ def transfer_batch(trainer: RankTrainer, batch: Any, dataloader_idx: int) -> Any
 
 
 def _transfer_hook(trainer: RankTrainer, hook: str, batch: Any, dataloader_idx: int) -> Any:
-    if trainer.datamodule is not None:
-        batch = hooks.call_datamodule(trainer, hook, batch, dataloader_idx)
+    # Lightning calls one of the two: the module's if it overrides the hook, else the
+    # datamodule's if that does.
+    module_overrides = is_overridden(trainer.lightning_module, hook)
+    if not module_overrides and is_overridden(trainer.datamodule, hook):
+        return hooks.call_datamodule(trainer, hook, batch, dataloader_idx)
     return hooks.call_module(trainer, hook, batch, dataloader_idx)
 
 
@@ -242,15 +288,16 @@ def _with_epoch(trainer: RankTrainer, logged: dict[str, torch.Tensor]) -> dict[s
     return row
 
 
-def _step_schedulers(trainer: RankTrainer, interval: str) -> None:
+def _step_schedulers(trainer: RankTrainer, interval: str, count: int, plateau: bool) -> None:
+    """Step the ``interval`` schedulers whose ``frequency`` divides ``count`` (Lightning counts
+    batches within the epoch for "step", epochs for "epoch", both from 1)."""
     for config in trainer.lr_scheduler_configs:
-        if config.interval != interval:
+        if config.interval != interval or config.reduce_on_plateau != plateau:
             continue
-        count = trainer.global_step if interval == "step" else trainer.current_epoch + 1
         if count % config.frequency != 0:
             continue
         metric = None
-        if config.reduce_on_plateau:
+        if plateau:
             metric = trainer.callback_metrics.get(config.monitor)
             if metric is None:
                 if config.strict:
@@ -268,20 +315,26 @@ def _max_steps_reached(trainer: RankTrainer) -> bool:
 
 
 # ---- validation scheduling --------------------------------------------------------------------
-def _has_validation(trainer: RankTrainer) -> bool:
-    module = trainer.lightning_module
-    overridden = type(module).validation_step is not LightningModule.validation_step
-    return overridden and bool(trainer.val_dataloaders) and any(trainer.num_val_batches)
+def _validation_enabled(trainer: RankTrainer) -> bool:
+    """Lightning's ``enable_validation``: decided without asking for the loaders."""
+    overridden = (
+        type(trainer.lightning_module).validation_step is not LightningModule.validation_step
+    )
+    return overridden and trainer.config.limit_val_batches != 0 and has_source(trainer, "val")
 
 
-def _val_due_this_epoch(trainer: RankTrainer) -> bool:
-    every = trainer.config.check_val_every_n_epoch
-    return every is None or (trainer.current_epoch + 1) % every == 0
+def _ensure_val_loaders(trainer: RankTrainer) -> None:
+    if trainer._val_requested:
+        return
+    trainer.val_dataloaders, trainer.num_val_batches = request_loaders(trainer, "val")
+    trainer._val_requested = True
 
 
 def _val_check_batches(trainer: RankTrainer) -> int:
     """Batches between validation runs in this epoch; 0 when this epoch has none."""
-    if not _has_validation(trainer) or not _val_due_this_epoch(trainer):
+    every = trainer.config.check_val_every_n_epoch
+    due = every is None or (trainer.current_epoch + 1) % every == 0
+    if not due or not _validation_enabled(trainer):
         return 0
     interval, num_batches = trainer.config.val_check_interval, trainer.num_training_batches
     if isinstance(interval, float):
@@ -292,6 +345,9 @@ def _val_check_batches(trainer: RankTrainer) -> int:
 
 
 def _validate_during_fit(trainer: RankTrainer) -> None:
+    _ensure_val_loaders(trainer)
+    if not any(trainer.num_val_batches):
+        return
     hooks.call_module(trainer, "on_validation_model_zero_grad")
     run_evaluation(trainer, "validate", trainer.val_dataloaders, trainer.num_val_batches)
     trainer.stage = "train"
@@ -315,9 +371,7 @@ def run_evaluation(
         for dataloader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             results.dataloader_idx = dataloader_idx if several else None
             extra = (dataloader_idx,) if several else ()
-            for batch_idx, batch in enumerate(loader):
-                if batch_idx >= limit:
-                    break
+            for batch_idx, batch in enumerate(_limited(loader, limit)):
                 trainer._batch_idx = batch_idx
                 batch = transfer_batch(trainer, batch, dataloader_idx)
                 results.batch = batch
@@ -365,9 +419,7 @@ def run_predict(trainer: RankTrainer, loaders: list[Any], limits: list[int]) -> 
         for dataloader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             extra = (dataloader_idx,) if several else ()
             outputs: list[Any] = []
-            for batch_idx, batch in enumerate(loader):
-                if batch_idx >= limit:
-                    break
+            for batch_idx, batch in enumerate(_limited(loader, limit)):
                 trainer._batch_idx = batch_idx
                 batch = transfer_batch(trainer, batch, dataloader_idx)
                 hooks.call(trainer, "on_predict_batch_start", batch, batch_idx, *extra)

@@ -7,7 +7,9 @@ This file imports nothing of the engine. Everything that needs the engine
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +38,10 @@ def move_data_to_device(batch: Any, device: torch.device) -> Any:
         return type(batch)(*(move_data_to_device(x, device) for x in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_data_to_device(x, device) for x in batch)
+    if isinstance(batch, defaultdict):
+        moved = defaultdict(batch.default_factory)
+        moved.update((k, move_data_to_device(v, device)) for k, v in batch.items())
+        return moved
     if isinstance(batch, Mapping):
         return type(batch)({k: move_data_to_device(v, device) for k, v in batch.items()})
     return batch
@@ -103,7 +109,7 @@ class LightningModule(nn.Module):
 
     @property
     def hparams_initial(self) -> AttributeDict:
-        return AttributeDict(self._hparams_initial)
+        return AttributeDict(copy.deepcopy(self._hparams_initial))
 
     @property
     def on_gpu(self) -> bool:
@@ -127,9 +133,7 @@ class LightningModule(nn.Module):
         init_args: dict[str, Any] = {}
         for name in info.args:
             init_args[name] = info.locals[name]
-        if info.varargs:
-            init_args[info.varargs] = info.locals[info.varargs]
-        if info.keywords:
+        if info.keywords:  # *args have no names: Lightning leaves them out too
             init_args.update(info.locals[info.keywords])
         del frame
 
@@ -146,7 +150,7 @@ class LightningModule(nn.Module):
             hparams = {k: v for k, v in init_args.items() if k not in ignored}
             self._hparams_name = "kwargs"
         self._hparams = AttributeDict(hparams)
-        self._hparams_initial = AttributeDict(hparams)
+        self._hparams_initial = AttributeDict(copy.deepcopy(hparams))
         self._log_hyperparams = logger
 
     # ---- engine helpers (delegate to the per-rank trainer view) -------------------------

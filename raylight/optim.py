@@ -54,11 +54,14 @@ def parse_optimizers(output: Any) -> tuple[list[Any], list[LRSchedulerConfig]]:
         return _parse_dicts([output])
     if isinstance(output, Sequence) and not isinstance(output, str):
         items = list(output)
-        if len(items) == 2 and isinstance(items[0], Sequence) and isinstance(items[1], Sequence):
+        if len(items) == 2 and isinstance(items[0], Sequence):
             optimizers = list(items[0])
             if not optimizers or not all(_is_optimizer(o) for o in optimizers):
                 raise _bad_return(output)
-            return optimizers, [_scheduler_config(s) for s in items[1]]
+            schedulers = items[1]
+            if not isinstance(schedulers, Sequence):  # one scheduler or config, as Lightning allows
+                schedulers = [schedulers]
+            return optimizers, [_scheduler_config(s) for s in schedulers]
         if items and all(_is_optimizer(o) for o in items):
             return items, []
         if items and all(isinstance(o, Mapping) for o in items):
@@ -75,14 +78,12 @@ def _parse_dicts(dicts: list[Mapping[str, Any]]) -> tuple[list[Any], list[LRSche
             )
         optimizers.append(entry["optimizer"])
         if entry.get("lr_scheduler") is not None:
-            config = _scheduler_config(entry["lr_scheduler"])
-            if config.monitor is None and "monitor" in entry:
-                config.monitor = entry["monitor"]
-            schedulers.append(config)
+            schedulers.append(_scheduler_config(entry["lr_scheduler"], entry.get("monitor")))
     return optimizers, schedulers
 
 
-def _scheduler_config(scheduler: Any) -> LRSchedulerConfig:
+def _scheduler_config(scheduler: Any, monitor: str | None = None) -> LRSchedulerConfig:
+    """``monitor`` is the top-level key of Lightning's ``{"optimizer", "lr_scheduler", "monitor"}``."""
     if isinstance(scheduler, Mapping):
         unknown = set(scheduler) - _SCHEDULER_KEYS
         if unknown or "scheduler" not in scheduler:
@@ -92,7 +93,7 @@ def _scheduler_config(scheduler: Any) -> LRSchedulerConfig:
             )
         config = LRSchedulerConfig(**scheduler)
     else:
-        config = LRSchedulerConfig(scheduler=scheduler)
+        config = LRSchedulerConfig(scheduler=scheduler, monitor=monitor)
     if config.interval not in ("epoch", "step"):
         raise MisconfigurationException(
             f"lr_scheduler interval={config.interval!r}: use 'epoch' or 'step'."

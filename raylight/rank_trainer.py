@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parallel.distributed import _find_tensors
 
 from raylight import hooks
 from raylight.config import TrainerConfig
@@ -118,9 +120,8 @@ class RankTrainer:
         self.predict_dataloaders: list[Any] = []
         self.num_training_batches: int | float = 0
         self.num_val_batches: list[int] = []
-        self.num_sanity_val_batches: list[int] = []
-        self.num_test_batches: list[int] = []
-        self.num_predict_batches: list[int] = []
+        self._loader_sources: dict[str, Any] = {}
+        self._val_requested = False
         self.current_epoch = 0
         self.global_step = 0
         self._batches_that_stepped = 0
@@ -233,9 +234,26 @@ class RankTrainer:
         return torch.stack(gathered)
 
     def _manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        if not self.lightning_module.automatic_optimization:
+            self._prepare_ddp_for_backward(loss)
         hooks.call(self, "on_before_backward", loss)
         hooks.call_module(self, "backward", self.precision_plugin.scale(loss), *args, **kwargs)
         hooks.call(self, "on_after_backward")
+
+    def _prepare_ddp_for_backward(self, loss: torch.Tensor) -> None:
+        """In manual optimization backward runs inside DDP's forward (inside training_step),
+        before DDP's own post-forward set-up: arm the reducer for this backward now, and
+        build its buckets first so that the next forward does not try to (as Lightning does)."""
+        model = self.model
+        if not isinstance(model, DistributedDataParallel) or not torch.is_grad_enabled():
+            return
+        if not model.require_backward_grad_sync:
+            model.require_forward_param_sync = False
+            return
+        model.require_forward_param_sync = True
+        used = list(_find_tensors(loss)) if model.find_unused_parameters else []
+        model.reducer._rebuild_buckets()
+        model.reducer.prepare_for_backward(used)
 
     def _after_closure(self, optimizer: Any) -> None:
         """Between backward and the optimizer step: unscale, hook, clip (Lightning's order)."""

@@ -24,6 +24,7 @@ from raylight.datamodule import LightningDataModule
 from raylight.group import WorkerGroup
 from raylight.module import LightningModule
 
+_STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"}
 _STAGE_LOADER = {"validate": "val", "test": "test", "predict": "predict"}
 
 
@@ -96,11 +97,12 @@ class Trainer:
         self.scaling = make_scaling(
             num_workers, use_gpu, resources_per_worker, accelerator, devices, num_nodes, gpus
         )
-        if strategy not in (None, "auto", "ddp", "ddp_spawn"):
+        if strategy not in _STRATEGIES:
             raise MisconfigurationException(
                 f"Trainer(strategy={strategy!r}) is not supported: raylight always runs DDP "
-                "on Ray workers."
+                f"on Ray workers; use one of {sorted(s for s in _STRATEGIES if s)}."
             )
+        self.config.find_unused_parameters = strategy == "ddp_find_unused_parameters_true"
         if self.scaling.use_gpu is False and self.config.precision == "16-mixed":
             raise MisconfigurationException(
                 "Trainer(precision='16-mixed') needs GPUs: use 'bf16-mixed' on CPU, or use_gpu=True."
@@ -184,11 +186,11 @@ class Trainer:
             self._absorb(summary)
             self._report_epoch(summary)
             epoch += 1
+            self.current_epoch = epoch  # Lightning counts completed epochs once one ends
         final = group.run_on_all("fit_end", what="fit end")[0]
         model.load_state_dict(final["state_dict"])
-        for callback in self.callbacks:
-            if callback.state_key in final["callback_states"]:
-                callback.load_state_dict(final["callback_states"][callback.state_key])
+        for callback, trained in zip(self.callbacks, final["callbacks"], strict=True):
+            callback.__dict__.update(trained.__dict__)
 
     def validate(
         self,

@@ -12,6 +12,7 @@ import functools
 import os
 import random
 import socket
+import sys
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -25,18 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from raylight import checkpoint, hooks, loops
 from raylight.config import MisconfigurationException, TrainerConfig
-from raylight.data import as_loader_list, distribute, limit_batches
-from raylight.datamodule import LightningDataModule
+from raylight.data import request_loaders
 from raylight.module import LightningModule
 from raylight.optim import LightningOptimizer, parse_optimizers
 from raylight.rank_trainer import RankTrainer
-
-_LOADER_HOOKS = {
-    "train": "train_dataloader",
-    "val": "val_dataloader",
-    "test": "test_dataloader",
-    "predict": "predict_dataloader",
-}
 
 
 class _TrainingStepModule(nn.Module):
@@ -48,7 +41,12 @@ class _TrainingStepModule(nn.Module):
         self._trainer = trainer
 
     def forward(self, batch: Any, batch_idx: int) -> Any:
-        return hooks.call_module(self._trainer, "training_step", batch, batch_idx)
+        output = hooks.call_module(self._trainer, "training_step", batch, batch_idx)
+        if not self.module.automatic_optimization:
+            # manual_backward already ran (and synced) inside this forward; DDP must not arm
+            # its reducer for another backward on the way out. loops._manual_step re-enables it.
+            self._trainer.model.require_backward_grad_sync = False
+        return output
 
 
 def _with_rank_context(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,9 +78,15 @@ def _with_rank_context(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Worker:
-    def __init__(self) -> None:
+    def __init__(self, driver_sys_path: list[str] | None = None) -> None:
+        # The user's classes are pickled by reference when they live in an importable
+        # module (a script's sibling file, a test helper): make the driver's import
+        # roots importable here too, before any job is unpickled.
+        missing = [p for p in driver_sys_path or [] if p not in sys.path and os.path.isdir(p)]
+        sys.path[:0] = missing
         self.rank = -1
         self.trainer: RankTrainer | None = None
+        self._user_callbacks: list[Any] = []
         self._group_info: dict[str, int] = {}
 
     def __repr__(self) -> str:
@@ -148,7 +152,8 @@ class Worker:
         )
         module: LightningModule = job["module"]
         trainer.lightning_module, trainer.datamodule = module, job["datamodule"]
-        trainer.callbacks = _ordered_callbacks(list(job["callbacks"]))
+        self._user_callbacks = list(job["callbacks"])
+        trainer.callbacks = _ordered_callbacks(list(self._user_callbacks))
         module.trainer = trainer
         if trainer.datamodule is not None:
             trainer.datamodule.trainer = trainer
@@ -163,11 +168,12 @@ class Worker:
             trainer.model = DistributedDataParallel(
                 _TrainingStepModule(module, trainer),
                 device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=config.find_unused_parameters,
             )
             self._configure_optimizers(trainer)
         if job.get("ckpt_path"):
             checkpoint.restore(trainer, job["ckpt_path"], stage)
-        self._setup_loaders(trainer, stage, job["loaders"])
+        trainer._loader_sources = job["loaders"]
 
     def _prepare_data(self, trainer: RankTrainer) -> None:
         # Once per node (or once per cluster when prepare_data_per_node is False).
@@ -201,56 +207,6 @@ class Worker:
             for opt in trainer.optimizers
         ]
 
-    def _setup_loaders(self, trainer: RankTrainer, stage: str, given: dict[str, Any]) -> None:
-        config = trainer.config
-        wanted = {
-            "fit": ["val", "train"],
-            "validate": ["val"],
-            "test": ["test"],
-            "predict": ["predict"],
-        }[stage]
-        for kind in wanted:
-            loaders = [
-                self._distribute(trainer, loader, kind)
-                for loader in as_loader_list(_request_loaders(trainer, kind, given.get(kind)))
-            ]
-            if kind == "train":
-                if not loaders:
-                    raise MisconfigurationException(_no_train_loader())
-                trainer.train_dataloader = loaders[0]
-                trainer.num_training_batches = limit_batches(
-                    loaders[0], config.limit_train_batches, "limit_train_batches"
-                )
-            elif kind == "val":
-                trainer.val_dataloaders = loaders
-                trainer.num_val_batches = [
-                    limit_batches(lo, config.limit_val_batches, "limit_val_batches")
-                    for lo in loaders
-                ]
-                sanity = config.num_sanity_val_steps
-                trainer.num_sanity_val_batches = [
-                    n if sanity == -1 else min(n, sanity) for n in trainer.num_val_batches
-                ]
-            elif kind == "test":
-                trainer.test_dataloaders = loaders
-                trainer.num_test_batches = [
-                    limit_batches(lo, config.limit_test_batches, "limit_test_batches")
-                    for lo in loaders
-                ]
-            else:
-                trainer.predict_dataloaders = loaders
-                trainer.num_predict_batches = [
-                    limit_batches(lo, config.limit_predict_batches, "limit_predict_batches")
-                    for lo in loaders
-                ]
-
-    def _distribute(self, trainer: RankTrainer, loader: Any, kind: str) -> Any:
-        if not trainer.config.use_distributed_sampler:
-            return loader
-        mode = {"train": "train", "predict": "predict"}.get(kind, "eval")
-        seed = trainer.config.global_seed or 0
-        return distribute(loader, mode, trainer.world_size, trainer.global_rank, seed)
-
     # ---- loops -------------------------------------------------------------------------------
     @_with_rank_context
     def fit_start(self, sanity_check: bool) -> dict[str, Any]:
@@ -273,29 +229,30 @@ class Worker:
             "state_dict": {
                 k: v.detach().cpu() for k, v in trainer.lightning_module.state_dict().items()
             },
-            "callback_states": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
+            # The user's callbacks as rank 0 left them (best_model_path and the like).
+            "callbacks": self._user_callbacks,
         }
 
     @_with_rank_context
     def evaluate(self, stage: str) -> list[dict[str, float]]:
         trainer = self.trainer
+        trainer.lightning_module.zero_grad(set_to_none=True)
+        loaders, limits = request_loaders(trainer, "val" if stage == "validate" else "test")
         if stage == "validate":
-            results = loops.run_evaluation(
-                trainer, stage, trainer.val_dataloaders, trainer.num_val_batches
-            )
+            trainer.val_dataloaders, trainer.num_val_batches = loaders, limits
         else:
-            results = loops.run_evaluation(
-                trainer, stage, trainer.test_dataloaders, trainer.num_test_batches
-            )
+            trainer.test_dataloaders = loaders
+        results = loops.run_evaluation(trainer, stage, loaders, limits)
         _call_teardown(trainer, stage)
         return results
 
     @_with_rank_context
     def predict(self) -> list[list[Any]]:
         trainer = self.trainer
-        predictions = loops.run_predict(
-            trainer, trainer.predict_dataloaders, trainer.num_predict_batches
-        )
+        trainer.lightning_module.zero_grad(set_to_none=True)
+        loaders, limits = request_loaders(trainer, "predict")
+        trainer.predict_dataloaders = loaders
+        predictions = loops.run_predict(trainer, loaders, limits)
         _call_teardown(trainer, "predict")
         return predictions
 
@@ -351,29 +308,3 @@ def _call_setup(trainer: RankTrainer, stage: str) -> None:
 def _call_teardown(trainer: RankTrainer, stage: str) -> None:
     hooks.call_datamodule(trainer, "teardown", stage)
     hooks.call(trainer, "teardown", stage)
-
-
-def _is_overridden(obj: Any, name: str) -> bool:
-    base = LightningDataModule if not isinstance(obj, LightningModule) else LightningModule
-    return obj is not None and getattr(type(obj), name, None) is not getattr(base, name)
-
-
-def _request_loaders(trainer: RankTrainer, kind: str, given: Any) -> Any:
-    """Explicit loaders win; then the datamodule's hook; then the module's."""
-    if given is not None:
-        return given
-    hook = _LOADER_HOOKS[kind]
-    if _is_overridden(trainer.datamodule, hook):
-        return hooks.call_datamodule(trainer, hook)
-    if _is_overridden(trainer.lightning_module, hook):
-        return hooks.call_module(trainer, hook)
-    return None
-
-
-def _no_train_loader() -> str:
-    return (
-        "No `train_dataloader()` method defined. The Trainer expects as minimum a "
-        "`training_step()`, `train_dataloader()` and `configure_optimizers()` to be defined: "
-        "define train_dataloader on the datamodule or module, or pass "
-        "trainer.fit(model, train_dataloaders=...)."
-    )

@@ -1,0 +1,71 @@
+"""Shared fixtures: one Ray instance per test session, and hygiene checks after each test."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import pytest
+import ray
+import torch.distributed as dist
+
+_RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+NUM_CPUS = 4
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="requires_gpu: no CUDA device on this machine")
+    for item in items:
+        if "requires_gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray instance for the whole session (logical CPUs may exceed the physical ones)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address="local", num_cpus=NUM_CPUS, include_dashboard=False, logging_level="WARNING"
+        )
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _cpus_free() -> bool:
+    total = ray.cluster_resources().get("CPU", 0)
+    return ray.available_resources().get("CPU", 0) >= total
+
+
+@pytest.fixture(autouse=True)
+def hygiene(request):
+    """Each test leaves no process group, rank variables or live workers behind."""
+    env_before = {name: os.environ.get(name) for name in _RANK_VARS}
+    yield
+    assert not (dist.is_available() and dist.is_initialized()), (
+        "a process group leaked in the driver"
+    )
+    leaked = {n for n in _RANK_VARS if os.environ.get(n) != env_before[n]}
+    assert not leaked, f"the test leaked environment variables {sorted(leaked)}"
+    if "ray_session" in request.fixturenames and ray.is_initialized():
+        gc.collect()  # a dropped Trainer shuts its workers down
+        deadline = time.monotonic() + 20
+        while not _cpus_free() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        free = _cpus_free()
+        if not free:  # stop them so one failure does not starve the tests after it
+            import raylight
+
+            for obj in gc.get_objects():
+                if isinstance(obj, raylight.Trainer):
+                    obj.shutdown()
+        assert free, (
+            f"workers outlived the test: {ray.available_resources().get('CPU')} of "
+            f"{ray.cluster_resources().get('CPU')} CPUs free"
+        )
