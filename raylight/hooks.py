@@ -30,7 +30,7 @@ def call(trainer: Any, hook: str, *args: Any, monitoring_last: bool = False) -> 
                     getattr(callback, hook)(trainer, module, *args)
         return output
     except BaseException as error:
-        _tag(error, hook)
+        tag_error(error, hook)
         raise
     finally:
         module._current_fx_name, trainer._current_hook = previous_fx, previous_hook
@@ -44,7 +44,7 @@ def call_module(trainer: Any, hook: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return getattr(module, hook)(*args, **kwargs)
     except BaseException as error:
-        _tag(error, hook)
+        tag_error(error, hook)
         raise
     finally:
         module._current_fx_name, trainer._current_hook = previous_fx, previous_hook
@@ -59,7 +59,7 @@ def call_callbacks(trainer: Any, hook: str, *args: Any) -> None:
         for callback in trainer.callbacks:
             getattr(callback, hook)(trainer, module, *args)
     except BaseException as error:
-        _tag(error, hook)
+        tag_error(error, hook)
         raise
     finally:
         trainer._current_hook = previous_hook
@@ -74,7 +74,7 @@ def call_datamodule(trainer: Any, hook: str, *args: Any) -> Any:
     try:
         return getattr(datamodule, hook)(*args)
     except BaseException as error:
-        _tag(error, f"{type(datamodule).__name__}.{hook}")
+        tag_error(error, f"{type(datamodule).__name__}.{hook}")
         raise
     finally:
         trainer._current_hook = previous_hook
@@ -84,8 +84,8 @@ def _is_monitoring(callback: Any) -> bool:
     return getattr(callback, "_monitors_metrics", False)
 
 
-def _tag(error: BaseException, hook: str) -> None:
-    """Remember the innermost hook an exception came from, for the driver's message."""
+def tag_error(error: BaseException, hook: str) -> None:
+    """Remember the innermost hook an exception came from (or is about), for the driver."""
     if getattr(error, "_raylight_hook", None) is None:
         try:
             error._raylight_hook = hook

@@ -157,7 +157,11 @@ def _automatic_step(trainer: RankTrainer, batch: Any, batch_idx: int, num_batche
 
     def closure() -> torch.Tensor | None:
         step_output = _run_training_step(trainer, batch, batch_idx)
-        loss = _loss_of(step_output)
+        try:
+            loss = _loss_of(step_output)
+        except MisconfigurationException as error:
+            hooks.tag_error(error, "training_step")
+            raise
         output["value"] = step_output
         if zero_grad_now:
             hooks.call(trainer, "on_before_zero_grad", optimizer.optimizer)

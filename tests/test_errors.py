@@ -1,0 +1,154 @@
+"""Every user mistake and every worker failure ends in a clear error, never a hang."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+from models import Classifier, DataModule, loader
+
+import raylight as pl
+from raylight.config import MisconfigurationException
+from raylight.group import ResourcesUnavailable, WorkerFailure
+
+pytestmark = pytest.mark.slow
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(num_workers=2, enable_progress_bar=False, logger=False,
+                    enable_checkpointing=False, max_epochs=1)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+class FailsOnRankOne(Classifier):
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and batch_idx == 2:
+            raise ValueError("bad batch on purpose")
+        return super().training_step(batch, batch_idx)
+
+
+def test_user_error_names_rank_hook_and_batch_and_frees_the_other_rank(ray_session):
+    # Rank 0 is blocked in the next all-reduce when rank 1 raises; with a 10-minute
+    # process-group timeout, only the driver tearing the group down can end this quickly.
+    trainer = _trainer(process_group_timeout_s=600)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="bad batch on purpose") as info:
+        trainer.fit(FailsOnRankOne(), loader())
+    assert time.monotonic() - started < 60
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "rank 1 raised ValueError in training_step (epoch 0, batch 2)" in notes
+    assert "test_errors.py" in notes and "bad batch on purpose" in notes  # the rank's traceback
+    assert trainer._group is None or not trainer._group.actors
+
+
+class ExitsHard(Classifier):
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and batch_idx == 1:
+            os._exit(1)
+        return super().training_step(batch, batch_idx)
+
+
+def test_killed_worker_fails_fit_within_30_seconds(ray_session):
+    trainer = _trainer(process_group_timeout_s=600)
+    started = time.monotonic()
+    with pytest.raises(WorkerFailure, match=r"rank 1 .* died during epoch 0") as info:
+        trainer.fit(ExitsHard(), loader())
+    assert time.monotonic() - started < 30
+    assert info.value.rank == 1
+
+
+class HoldsALock(Classifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+class DataModuleWithLock(DataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.guard = {"inner": threading.Lock()}
+
+
+def test_unpicklable_module_attribute_is_named(ray_session):
+    with pytest.raises(MisconfigurationException, match=r"HoldsALock\.lock .*cannot be pickled"):
+        _trainer().fit(HoldsALock(), loader())
+
+
+def test_unpicklable_datamodule_attribute_is_named(ray_session):
+    with pytest.raises(MisconfigurationException, match=r"guard\['inner'\].*cannot be pickled"):
+        _trainer().fit(Classifier(), datamodule=DataModuleWithLock())
+
+
+class BadOptimizers(Classifier):
+    def configure_optimizers(self):
+        return "adam"
+
+
+def test_bad_configure_optimizers_return(ray_session):
+    with pytest.raises(MisconfigurationException, match="configure_optimizers returned str"):
+        _trainer().fit(BadOptimizers(), loader())
+
+
+class NoLoader(Classifier):
+    pass
+
+
+def test_missing_train_dataloader_fails_before_starting_workers():
+    trainer = _trainer()
+    with pytest.raises(MisconfigurationException, match="No `train_dataloader\\(\\)` method defined"):
+        trainer.fit(NoLoader())
+    assert trainer._group is None  # checked on the driver: no worker was started
+
+
+class ReturnsAString(Classifier):
+    def training_step(self, batch, batch_idx):
+        return "loss"
+
+
+class ReturnsDictWithoutLoss(Classifier):
+    def training_step(self, batch, batch_idx):
+        return {"value": torch.tensor(1.0)}
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "message"),
+    [(ReturnsAString, "training_step returned a str"), (ReturnsDictWithoutLoss, "without a 'loss' key")],
+)
+def test_training_step_must_return_a_loss(ray_session, model_cls, message):
+    with pytest.raises(MisconfigurationException, match=message) as info:
+        _trainer().fit(model_cls(), loader())
+    assert "in training_step" in "\n".join(info.value.__notes__)
+
+
+def test_gpus_on_a_cpu_cluster_fail_fast_and_list_the_cluster(ray_session):
+    with pytest.warns(DeprecationWarning, match="gpus"):
+        trainer = pl.Trainer(gpus=1, enable_progress_bar=False)
+    started = time.monotonic()
+    with pytest.raises(ResourcesUnavailable, match=r"needs \{.*'GPU': 1.0.*\}.*the cluster has \{'CPU': 4.0\}"):
+        trainer.fit(Classifier(), loader())
+    assert time.monotonic() - started < 10
+
+
+def test_too_many_workers_wait_is_bounded(ray_session):
+    trainer = _trainer(num_workers=2, resources_per_worker={"CPU": 3}, placement_timeout_s=2)
+    with pytest.raises(ResourcesUnavailable, match="needs .*'CPU': 3.0.* per worker x 2.*cluster has"):
+        trainer.fit(Classifier(), loader())
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (dict(max_epochs=-5), "max_epochs=-5"),
+        (dict(limit_val_batches=2.5), "limit_val_batches=2.5"),
+        (dict(num_workers=0), "num_workers=0"),
+        (dict(precision="8-true"), "precision='8-true'"),
+        (dict(strategy="fsdp"), "strategy='fsdp'"),
+        (dict(precision="16-mixed"), "needs GPUs"),
+    ],
+)
+def test_flags_out_of_range(flags, message):
+    with pytest.raises(MisconfigurationException, match=message.replace("(", r"\(")):
+        pl.Trainer(**flags)
