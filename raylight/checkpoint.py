@@ -29,7 +29,10 @@ def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
         "raylight_version": RAYLIGHT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "loops": {},
-        "raylight": {"batches_that_stepped": trainer._batches_that_stepped},
+        "raylight": {
+            "next_epoch": trainer.current_epoch + int(trainer._epoch_batches_done),
+            "batches_that_stepped": trainer._batches_that_stepped,
+        },
     }
     if not weights_only:
         checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
@@ -96,8 +99,9 @@ def restore(trainer: Any, filepath: str, stage: str) -> None:
         trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", []), strict=False
     ):
         config.scheduler.load_state_dict(state)
+    # A checkpoint from pytorch-lightning has no "raylight" entry; its end-of-epoch
+    # checkpoints resume at the next epoch.
+    position = checkpoint.get("raylight", {})
     trainer.global_step = checkpoint["global_step"]
-    trainer.current_epoch = checkpoint["epoch"] + 1
-    trainer._batches_that_stepped = checkpoint.get("raylight", {}).get(
-        "batches_that_stepped", checkpoint["global_step"]
-    )
+    trainer.current_epoch = position.get("next_epoch", checkpoint["epoch"] + 1)
+    trainer._batches_that_stepped = position.get("batches_that_stepped", checkpoint["global_step"])

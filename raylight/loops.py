@@ -63,11 +63,13 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     num_batches = trainer.num_training_batches
     val_every = _val_check_batches(trainer)
 
+    trainer._epoch_batches_done = False
     hooks.call(trainer, "on_train_epoch_start")
     batch_idx = -1
     for batch_idx, batch in enumerate(_limited(loader, num_batches)):
         if not _train_batch(trainer, results, batch, batch_idx, num_batches, val_every):
             break
+    trainer._epoch_batches_done = True
 
     if val_every and batch_idx + 1 == num_batches:
         _validate_during_fit(trainer)

@@ -126,6 +126,7 @@ class RankTrainer:
         self.global_step = 0
         self._batches_that_stepped = 0
         self.should_stop = False
+        self._epoch_batches_done = False  # the current epoch ran all of its batches
         self.stage: str | None = None
         self.sanity_checking = False
         self.callback_metrics: dict[str, torch.Tensor] = {}

@@ -327,20 +327,32 @@ class Trainer:
         return group
 
     def _connect(self) -> None:
+        """Join the cluster Ray's conventions point to, or start an embedded local one.
+
+        ``RAY_ADDRESS`` wins (``ray job submit`` sets it); otherwise a cluster already running
+        on this node is joined (``ray submit`` runs scripts on the head node); otherwise, as on
+        a laptop, a local instance sized to the request is started.
+        """
         if ray.is_initialized():
             return
         kwargs = {"logging_level": logging.WARNING, "log_to_driver": True, **self._ray_init_kwargs}
-        if self._ray_address:
+        address = self._ray_address
+        if address and address != "local":
             try:
-                ray.init(address=self._ray_address, **kwargs)
+                ray.init(address=address, **kwargs)
             except (ConnectionError, RuntimeError) as error:
                 raise ConnectionError(
-                    f"RAY_ADDRESS={self._ray_address!r} points to no reachable Ray cluster "
-                    f"({error}). Start one with `ray start --head`, fix RAY_ADDRESS, or unset it "
-                    "to let the Trainer start a local Ray instance."
+                    f"RAY_ADDRESS={address!r} points to no reachable Ray cluster ({error}). "
+                    "Start one with `ray start --head`, fix RAY_ADDRESS, or unset it to let the "
+                    "Trainer start a local Ray instance."
                 ) from error
             return
-        # The embedded local instance is sized to fit the request on any laptop.
+        if address is None:
+            try:
+                ray.init(address="auto", **kwargs)
+                return
+            except ConnectionError:
+                pass  # no cluster on this node: start our own
         needed = self.scaling.num_workers * self.scaling.bundle().get("CPU", 1.0)
         kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, int(needed)))
         kwargs.setdefault("include_dashboard", False)

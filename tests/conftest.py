@@ -63,7 +63,7 @@ def hygiene(request):
             import raylight
 
             for obj in gc.get_objects():
-                if isinstance(obj, raylight.Trainer):
+                if type(obj) is raylight.Trainer:
                     obj.shutdown()
         assert free, (
             f"workers outlived the test: {ray.available_resources().get('CPU')} of "

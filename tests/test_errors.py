@@ -18,8 +18,13 @@ pytestmark = pytest.mark.slow
 
 
 def _trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(num_workers=2, enable_progress_bar=False, logger=False,
-                    enable_checkpointing=False, max_epochs=1)
+    defaults = dict(
+        num_workers=2,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        max_epochs=1,
+    )
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -98,7 +103,9 @@ class NoLoader(Classifier):
 
 def test_missing_train_dataloader_fails_before_starting_workers():
     trainer = _trainer()
-    with pytest.raises(MisconfigurationException, match="No `train_dataloader\\(\\)` method defined"):
+    with pytest.raises(
+        MisconfigurationException, match="No `train_dataloader\\(\\)` method defined"
+    ):
         trainer.fit(NoLoader())
     assert trainer._group is None  # checked on the driver: no worker was started
 
@@ -115,7 +122,10 @@ class ReturnsDictWithoutLoss(Classifier):
 
 @pytest.mark.parametrize(
     ("model_cls", "message"),
-    [(ReturnsAString, "training_step returned a str"), (ReturnsDictWithoutLoss, "without a 'loss' key")],
+    [
+        (ReturnsAString, "training_step returned a str"),
+        (ReturnsDictWithoutLoss, "without a 'loss' key"),
+    ],
 )
 def test_training_step_must_return_a_loss(ray_session, model_cls, message):
     with pytest.raises(MisconfigurationException, match=message) as info:
@@ -127,14 +137,18 @@ def test_gpus_on_a_cpu_cluster_fail_fast_and_list_the_cluster(ray_session):
     with pytest.warns(DeprecationWarning, match="gpus"):
         trainer = pl.Trainer(gpus=1, enable_progress_bar=False)
     started = time.monotonic()
-    with pytest.raises(ResourcesUnavailable, match=r"needs \{.*'GPU': 1.0.*\}.*the cluster has \{'CPU': 4.0\}"):
+    with pytest.raises(
+        ResourcesUnavailable, match=r"needs \{.*'GPU': 1.0.*\}.*the cluster has \{'CPU': 4.0\}"
+    ):
         trainer.fit(Classifier(), loader())
     assert time.monotonic() - started < 10
 
 
 def test_too_many_workers_wait_is_bounded(ray_session):
     trainer = _trainer(num_workers=2, resources_per_worker={"CPU": 3}, placement_timeout_s=2)
-    with pytest.raises(ResourcesUnavailable, match="needs .*'CPU': 3.0.* per worker x 2.*cluster has"):
+    with pytest.raises(
+        ResourcesUnavailable, match="needs .*'CPU': 3.0.* per worker x 2.*cluster has"
+    ):
         trainer.fit(Classifier(), loader())
 
 

@@ -1,0 +1,84 @@
+"""trainer.save_checkpoint writes Lightning's keys; fit(ckpt_path=...) resumes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import Classifier, loader
+
+import raylight as pl
+
+pytestmark = pytest.mark.slow
+
+
+class WithCheckpointHooks(Classifier):
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__(lr=lr)
+        self.restored_from_step = -1.0
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["extra"] = {"saved_at": self.global_step}
+
+    def on_load_checkpoint(self, checkpoint):
+        self.restored_from_step = float(checkpoint["extra"]["saved_at"])
+
+    def training_step(self, batch, batch_idx):
+        self.log("restored_from_step", self.restored_from_step)
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        num_workers=2, enable_progress_bar=False, logger=False, enable_checkpointing=False, **kwargs
+    )
+
+
+def test_checkpoint_has_lightning_keys(ray_session, tmp_path):
+    model = WithCheckpointHooks()
+    trainer = _trainer(max_epochs=2)
+    trainer.fit(model, loader())
+    path = tmp_path / "after.ckpt"
+    trainer.save_checkpoint(path)
+
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 8
+    assert checkpoint["pytorch-lightning_version"].startswith("2.")
+    assert checkpoint["hyper_parameters"] == {"features": 8, "classes": 3, "lr": 0.1}
+    assert checkpoint["extra"] == {"saved_at": 8}
+    assert len(checkpoint["optimizer_states"]) == 1 and checkpoint["lr_schedulers"] == []
+    assert set(checkpoint["state_dict"]) == set(model.state_dict())  # no DDP "module." prefix
+    for name, value in model.state_dict().items():
+        assert torch.equal(checkpoint["state_dict"][name], value)
+    assert not list(tmp_path.glob("*.partial*"))  # written under a temporary name, then renamed
+
+
+def test_resume_at_an_epoch_boundary_matches_an_uninterrupted_run(ray_session, tmp_path):
+    torch.manual_seed(1)
+    straight, first_half = WithCheckpointHooks(), WithCheckpointHooks()
+    first_half.load_state_dict(straight.state_dict())
+    _trainer(max_epochs=4).fit(straight, loader(shuffle=True))
+
+    half = _trainer(max_epochs=2)
+    half.fit(first_half, loader(shuffle=True))
+    half.save_checkpoint(tmp_path / "half.ckpt")
+    half.shutdown()
+
+    resumed_model = WithCheckpointHooks()
+    resumed = _trainer(max_epochs=4)
+    resumed.fit(resumed_model, loader(shuffle=True), ckpt_path=tmp_path / "half.ckpt")
+    assert resumed.global_step == 16 and resumed.current_epoch == 4
+    assert resumed.callback_metrics["restored_from_step"].item() == 8.0
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[name], value), name
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(ray_session, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        _trainer(max_epochs=1).fit(Classifier(), loader(), ckpt_path=tmp_path / "nope.ckpt")
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="could not be read"):
+        _trainer(max_epochs=1).fit(Classifier(), loader(), ckpt_path=corrupt)

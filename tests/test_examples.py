@@ -1,0 +1,51 @@
+"""The README's main job and the MNIST example run as a user runs them: a fresh process that
+starts its own embedded Ray."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mnist_data import write_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def _run(args: list[str], timeout: int = 300) -> str:
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh embedded instance, not the tests' one
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _accuracy(output: str) -> float:
+    match = re.search(r"test accuracy: ([0-9.]+)\s*$", output)
+    assert match, output[-2000:]
+    return float(match.group(1))
+
+
+def test_digits_main_job_reaches_95_percent():
+    assert _accuracy(_run(["examples/digits.py"])) >= 0.95
+
+
+def test_mnist_example_on_generated_idx_files(tmp_path):
+    write_mnist(tmp_path, n_train=600, n_test=100)
+    output = _run(
+        [
+            "examples/mnist.py",
+            "--data-dir",
+            str(tmp_path),
+            "--max-epochs",
+            "1",
+            "--num-workers",
+            "2",
+        ]
+    )
+    assert _accuracy(output) >= 0.9
