@@ -3,51 +3,80 @@
 Lightning's order is: callbacks first, then the module. For the epoch-end hooks that
 monitoring callbacks (checkpointing, early stopping) react to, those callbacks run
 after the module, so that they see what the module logged.
+
+These run several times per batch: ``_set_fx`` bypasses ``nn.Module.__setattr__``, whose
+parameter checks would otherwise be a visible share of a small model's step time.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from raylight.callbacks.callback import Callback
+from raylight.module import LightningModule
+
 
 def call(trainer: Any, hook: str, *args: Any, monitoring_last: bool = False) -> Any:
-    """Run ``hook`` on each callback (as ``hook(trainer, module, *args)``), then on the module."""
+    """Run ``hook`` on each callback (as ``hook(trainer, module, *args)``), then on the module.
+
+    Only overrides run: a hook nobody overrides is a no-op in both base classes, so it is
+    skipped without entering the hook context.
+    """
+    targets = _targets(trainer, hook, monitoring_last)
+    if not targets:
+        return None
     module = trainer.lightning_module
     previous_fx, previous_hook = module._current_fx_name, trainer._current_hook
-    module._current_fx_name = trainer._current_hook = hook
+    _set_fx(module, hook)
+    trainer._current_hook = hook
+    output = None
     try:
-        callbacks = trainer.callbacks
-        early = [cb for cb in callbacks if not (monitoring_last and _is_monitoring(cb))]
-        for callback in early:
-            getattr(callback, hook)(trainer, module, *args)
-        output = None
-        module_hook = getattr(module, hook, None)
-        if module_hook is not None:
-            output = module_hook(*args)
-        if monitoring_last:
-            for callback in callbacks:
-                if _is_monitoring(callback):
-                    getattr(callback, hook)(trainer, module, *args)
+        for target in targets:
+            if target is module:
+                output = getattr(module, hook)(*args)
+            else:
+                getattr(target, hook)(trainer, module, *args)
         return output
     except BaseException as error:
         tag_error(error, hook)
         raise
     finally:
-        module._current_fx_name, trainer._current_hook = previous_fx, previous_hook
+        _set_fx(module, previous_fx)
+        trainer._current_hook = previous_hook
+
+
+def _targets(trainer: Any, hook: str, monitoring_last: bool) -> list[Any]:
+    """The callbacks and module that override ``hook``, in call order (cached per trainer)."""
+    key = (hook, monitoring_last)
+    cache = trainer._hook_targets
+    if key not in cache:
+        callbacks = [cb for cb in trainer.callbacks if _overrides(cb, Callback, hook)]
+        late = [cb for cb in callbacks if monitoring_last and _is_monitoring(cb)]
+        early = [cb for cb in callbacks if cb not in late]
+        module = trainer.lightning_module
+        own = [module] if _overrides(module, LightningModule, hook) else []
+        cache[key] = early + own + late
+    return cache[key]
+
+
+def _overrides(obj: Any, base: type, hook: str) -> bool:
+    return getattr(type(obj), hook, None) is not getattr(base, hook, None)
 
 
 def call_module(trainer: Any, hook: str, *args: Any, **kwargs: Any) -> Any:
     """Run a hook that only the LightningModule defines (steps, optimizer and transfer hooks)."""
     module = trainer.lightning_module
     previous_fx, previous_hook = module._current_fx_name, trainer._current_hook
-    module._current_fx_name = trainer._current_hook = hook
+    _set_fx(module, hook)
+    trainer._current_hook = hook
     try:
         return getattr(module, hook)(*args, **kwargs)
     except BaseException as error:
         tag_error(error, hook)
         raise
     finally:
-        module._current_fx_name, trainer._current_hook = previous_fx, previous_hook
+        _set_fx(module, previous_fx)
+        trainer._current_hook = previous_hook
 
 
 def call_callbacks(trainer: Any, hook: str, *args: Any) -> None:
@@ -91,3 +120,7 @@ def tag_error(error: BaseException, hook: str) -> None:
             error._raylight_hook = hook
         except AttributeError:  # an exception type with __slots__
             pass
+
+
+def _set_fx(module: Any, name: str | None) -> None:
+    object.__setattr__(module, "_current_fx_name", name)

@@ -263,9 +263,12 @@ def transfer_batch(trainer: RankTrainer, batch: Any, dataloader_idx: int) -> Any
 
 def _transfer_hook(trainer: RankTrainer, hook: str, batch: Any, dataloader_idx: int) -> Any:
     # Lightning calls one of the two: the module's if it overrides the hook, else the
-    # datamodule's if that does.
-    module_overrides = is_overridden(trainer.lightning_module, hook)
-    if not module_overrides and is_overridden(trainer.datamodule, hook):
+    # datamodule's if that does. Decided once per stage: this runs on every batch.
+    owners = trainer._batch_hook_owners
+    if hook not in owners:
+        module_overrides = is_overridden(trainer.lightning_module, hook)
+        owners[hook] = not module_overrides and is_overridden(trainer.datamodule, hook)
+    if owners[hook]:
         return hooks.call_datamodule(trainer, hook, batch, dataloader_idx)
     return hooks.call_module(trainer, hook, batch, dataloader_idx)
 

@@ -135,6 +135,8 @@ class RankTrainer:
         self._results: MetricLog | None = None
         self._log_rows: list[tuple[int, dict[str, float]]] = []
         self._current_hook: str | None = None
+        self._hook_targets: dict[tuple[str, bool], list[Any]] = {}  # see hooks._targets
+        self._batch_hook_owners: dict[str, bool] = {}  # see loops._transfer_hook
         self._batch_idx: int | None = None
 
     # ---- Lightning's read-only trainer attributes ---------------------------------------

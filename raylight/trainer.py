@@ -356,6 +356,9 @@ class Trainer:
         needed = self.scaling.num_workers * self.scaling.bundle().get("CPU", 1.0)
         kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, int(needed)))
         kwargs.setdefault("include_dashboard", False)
+        # Ray starts workers at niceness 15 so that its own daemons win; in an instance that
+        # exists only to train, the ranks should run at normal priority, as DDP processes do.
+        kwargs.setdefault("_system_config", {"worker_niceness": 0})
         ray.init(address="local", **kwargs)
 
     def _fit_done(self, epoch: int) -> bool:

@@ -158,6 +158,7 @@ class Worker:
         if trainer.datamodule is not None:
             trainer.datamodule.trainer = trainer
         trainer.callbacks = _ordered_callbacks(trainer.callbacks + _model_callbacks(trainer))
+        trainer._hook_targets.clear()
         stage = job["stage"]
         self._prepare_data(trainer)
         _call_setup(trainer, stage)
