@@ -85,6 +85,9 @@ def restore(trainer: Any, filepath: str, stage: str) -> None:
     module = trainer.lightning_module
     module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
     hooks.call_module(trainer, "on_load_checkpoint", checkpoint)
+    datamodule = trainer.datamodule
+    if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
+        datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
     if stage != "fit":
         return
     states = checkpoint.get("callbacks", {})

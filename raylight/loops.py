@@ -396,7 +396,7 @@ def run_evaluation(
             _merge_metrics(trainer, callback, logged, bar)
         hooks.call(trainer, f"on_{prefix}_end", monitoring_last=True)
     hooks.call_module(trainer, f"on_{prefix}_model_train")
-    if logged and not trainer.sanity_checking and previous_stage == "train":
+    if logged and not trainer.sanity_checking:
         trainer._log_rows.append((trainer._batches_that_stepped, _with_epoch(trainer, logged)))
     trainer.stage = previous_stage
     return _per_loader(to_floats(logged), len(loaders))

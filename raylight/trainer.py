@@ -7,10 +7,12 @@ epoch at a time, and after ``fit`` loads rank 0's weights into the user's own mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ from raylight.callbacks import Callback
 from raylight.config import MisconfigurationException, make_config, make_scaling
 from raylight.datamodule import LightningDataModule
 from raylight.group import WorkerGroup
+from raylight.loggers import CSVLogger, Logger
 from raylight.module import LightningModule
 
 _STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"}
@@ -118,7 +121,7 @@ class Trainer:
                 )
         self.enable_progress_bar = True if enable_progress_bar is None else enable_progress_bar
         self.enable_checkpointing = enable_checkpointing
-        self.logger = logger
+        self.loggers = _resolve_loggers(logger, self.config.default_root_dir)
         self.placement_timeout_s = placement_timeout_s
         # Entry point: the environment is read here and nowhere deeper.
         self._ray_address = os.environ.get("RAY_ADDRESS")
@@ -133,7 +136,6 @@ class Trainer:
         self.callback_metrics: dict[str, torch.Tensor] = {}
         self.logged_metrics: dict[str, torch.Tensor] = {}
         self.progress_bar_metrics: dict[str, torch.Tensor] = {}
-        self.log_rows: list[tuple[int, dict[str, float]]] = []
 
     # ---- Lightning's read-only attributes ----------------------------------------------------
     @property
@@ -174,20 +176,22 @@ class Trainer:
             datamodule, train_dataloaders = train_dataloaders, None
         _check_fit_inputs(model, train_dataloaders, datamodule)
         loaders = {"train": train_dataloaders, "val": val_dataloaders}
-        group = self._prepare(model, datamodule, "fit", loaders, ckpt_path)
-        self.should_stop = False
-        summary = group.run_on_all(
-            "fit_start", self.config.num_sanity_val_steps != 0 and not ckpt_path
-        )[0]
-        self._absorb(summary)
-        epoch = self.current_epoch
-        while not self._fit_done(epoch):
-            summary = group.run_on_all("train_epoch", epoch, what=f"epoch {epoch}")[0]
-            self._absorb(summary)
-            self._report_epoch(summary)
-            epoch += 1
-            self.current_epoch = epoch  # Lightning counts completed epochs once one ends
-        final = group.run_on_all("fit_end", what="fit end")[0]
+        with self._logging_run():
+            group = self._prepare(model, datamodule, "fit", loaders, ckpt_path)
+            if model.hparams and model._log_hyperparams:
+                for logger in self.loggers:
+                    logger.log_hyperparams(dict(model.hparams))
+            self.should_stop = False
+            sanity_check = self.config.num_sanity_val_steps != 0 and not ckpt_path
+            self._absorb(group.run_on_all("fit_start", sanity_check)[0])
+            epoch = self.current_epoch
+            while not self._fit_done(epoch):
+                summary = group.run_on_all("train_epoch", epoch, what=f"epoch {epoch}")[0]
+                self._absorb(summary)
+                self._report_epoch(summary)
+                epoch += 1
+                self.current_epoch = epoch  # Lightning counts completed epochs once one ends
+            final = group.run_on_all("fit_end", what="fit end")[0]
         model.load_state_dict(final["state_dict"])
         for callback, trained in zip(self.callbacks, final["callbacks"], strict=True):
             callback.__dict__.update(trained.__dict__)
@@ -247,6 +251,26 @@ class Trainer:
         except Exception:  # interpreter shutdown: Ray may already be gone
             pass
 
+    @property
+    def logger(self) -> Logger | None:
+        return self.loggers[0] if self.loggers else None
+
+    @property
+    def log_dir(self) -> str:
+        return self.logger.log_dir if self.logger is not None else self.config.default_root_dir
+
+    @contextlib.contextmanager
+    def _logging_run(self) -> Iterator[None]:
+        """Loggers are finalized after every Trainer call, with Lightning's status strings."""
+        try:
+            yield
+        except BaseException:
+            for logger in self.loggers:
+                logger.finalize("failed")
+            raise
+        for logger in self.loggers:
+            logger.finalize("success")
+
     # ---- internals -------------------------------------------------------------------------------
     def _evaluate(
         self,
@@ -258,11 +282,11 @@ class Trainer:
         datamodule: Any,
     ) -> list[dict[str, float]]:
         model, datamodule = self._resolve_eval_inputs(stage, model, dataloaders, datamodule)
-        group = self._prepare(
-            model, datamodule, stage, {_STAGE_LOADER[stage]: dataloaders}, ckpt_path
-        )
-        results = group.run_on_all("evaluate", stage, what=stage)[0]
-        self._absorb(group.run_on_ranks([0], "metrics")[0])
+        loaders = {_STAGE_LOADER[stage]: dataloaders}
+        with self._logging_run():
+            group = self._prepare(model, datamodule, stage, loaders, ckpt_path)
+            results = group.run_on_all("evaluate", stage, what=stage)[0]
+            self._absorb(group.run_on_ranks([0], "metrics")[0])
         if verbose and self.enable_progress_bar:
             _print_results(stage, results)
         return results
@@ -375,7 +399,9 @@ class Trainer:
         self.should_stop = summary["should_stop"]
         for name in ("callback_metrics", "logged_metrics", "progress_bar_metrics"):
             setattr(self, name, {k: torch.tensor(v) for k, v in summary[name].items()})
-        self.log_rows.extend(summary["log_rows"])
+        for step, row in summary["log_rows"]:
+            for logger in self.loggers:
+                logger.log_metrics(row, step)
 
     def _report_epoch(self, summary: dict[str, Any]) -> None:
         if not self.enable_progress_bar:
@@ -420,6 +446,22 @@ def _check_fit_inputs(model: Any, train_dataloaders: Any, datamodule: Any) -> No
             "define train_dataloader on the datamodule or module, or pass "
             "trainer.fit(model, train_dataloaders=...)."
         )
+
+
+def _resolve_loggers(logger: Any, default_root_dir: str) -> list[Logger]:
+    """Lightning's rules: True/None gives the default logger, False none, else the given ones."""
+    if logger is None or logger is True:
+        return [CSVLogger(save_dir=default_root_dir)]
+    if logger is False:
+        return []
+    loggers = list(logger) if isinstance(logger, list | tuple) else [logger]
+    for item in loggers:
+        if not callable(getattr(item, "log_metrics", None)):
+            raise MisconfigurationException(
+                f"Trainer(logger=...) got a {type(item).__name__}: a logger needs log_metrics, "
+                "log_hyperparams and finalize (see raylight.loggers.Logger)."
+            )
+    return loggers
 
 
 def _global_seed() -> int | None:

@@ -145,6 +145,10 @@ class Worker:
         """Build this rank's trainer view for ``job['stage']`` (fit/validate/test/predict)."""
         config: TrainerConfig = job["config"]
         _restore_rng(job["rng_states"])
+        if config.deterministic:
+            # Lightning's Trainer(deterministic=True): deterministic kernels, or an error.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         info = self._group_info
         device = _device(job["use_gpu"])
         trainer = self.trainer = RankTrainer(
