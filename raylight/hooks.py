@@ -16,13 +16,15 @@ from raylight.callbacks.callback import Callback
 from raylight.module import LightningModule
 
 
-def call(trainer: Any, hook: str, *args: Any, monitoring_last: bool = False) -> Any:
+def call(trainer: Any, hook: str, *args: Any, part: str = "all") -> Any:
     """Run ``hook`` on each callback (as ``hook(trainer, module, *args)``), then on the module.
 
-    Only overrides run: a hook nobody overrides is a no-op in both base classes, so it is
-    skipped without entering the hook context.
+    ``part`` splits an epoch-end hook around the metrics update between them, as Lightning
+    does: "before_monitors" runs the plain callbacks and the module, "monitors" the
+    monitoring callbacks. Only overrides run: a hook nobody overrides is a no-op in both base
+    classes, so it is skipped without entering the hook context.
     """
-    targets = _targets(trainer, hook, monitoring_last)
+    targets = _targets(trainer, hook, part)
     if not targets:
         return None
     module = trainer.lightning_module
@@ -45,17 +47,19 @@ def call(trainer: Any, hook: str, *args: Any, monitoring_last: bool = False) -> 
         trainer._current_hook = previous_hook
 
 
-def _targets(trainer: Any, hook: str, monitoring_last: bool) -> list[Any]:
+def _targets(trainer: Any, hook: str, part: str) -> list[Any]:
     """The callbacks and module that override ``hook``, in call order (cached per trainer)."""
-    key = (hook, monitoring_last)
+    key = (hook, part)
     cache = trainer._hook_targets
     if key not in cache:
         callbacks = [cb for cb in trainer.callbacks if _overrides(cb, Callback, hook)]
-        late = [cb for cb in callbacks if monitoring_last and _is_monitoring(cb)]
-        early = [cb for cb in callbacks if cb not in late]
+        monitors = [cb for cb in callbacks if part != "all" and _is_monitoring(cb)]
+        early = [cb for cb in callbacks if cb not in monitors]
         module = trainer.lightning_module
         own = [module] if _overrides(module, LightningModule, hook) else []
-        cache[key] = early + own + late
+        cache[key] = {"all": early + own, "before_monitors": early + own, "monitors": monitors}[
+            part
+        ]
     return cache[key]
 
 

@@ -30,6 +30,7 @@ def fit_start(trainer: RankTrainer, sanity_check: bool) -> None:
     Loaders are requested where Lightning requests them: the val loaders when the first
     validation starts, the train loader right before ``on_train_start``.
     """
+    trainer._validation_enabled = _validation_enabled(trainer)
     hooks.call(trainer, "on_fit_start")
     trainer.lightning_module.zero_grad(set_to_none=True)
     if sanity_check and _validation_enabled(trainer):
@@ -74,9 +75,13 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     if val_every and batch_idx + 1 == num_batches:
         _validate_during_fit(trainer)
         trainer._results = results
-    hooks.call(trainer, "on_train_epoch_end", monitoring_last=True)
+    # Callbacks see the epoch's values in on_train_epoch_end; monitoring callbacks also see
+    # what the module logged there.
+    _merge_metrics(trainer, *results.epoch_metrics())
+    hooks.call(trainer, "on_train_epoch_end", part="before_monitors")
     callback, logged, bar = results.epoch_metrics()
     _merge_metrics(trainer, callback, logged, bar)
+    hooks.call(trainer, "on_train_epoch_end", part="monitors")
     _step_schedulers(trainer, "epoch", epoch + 1, plateau=True)
     if logged:
         trainer._log_rows.append((trainer._batches_that_stepped - 1, _with_epoch(trainer, logged)))
@@ -394,7 +399,8 @@ def run_evaluation(
         callback, logged, bar = results.epoch_metrics()
         if not trainer.sanity_checking:
             _merge_metrics(trainer, callback, logged, bar)
-        hooks.call(trainer, f"on_{prefix}_end", monitoring_last=True)
+        hooks.call(trainer, f"on_{prefix}_end", part="before_monitors")
+        hooks.call(trainer, f"on_{prefix}_end", part="monitors")
     hooks.call_module(trainer, f"on_{prefix}_model_train")
     if logged and not trainer.sanity_checking:
         trainer._log_rows.append((trainer._batches_that_stepped, _with_epoch(trainer, logged)))

@@ -122,6 +122,8 @@ class RankTrainer:
         self.num_val_batches: list[int] = []
         self._loader_sources: dict[str, Any] = {}
         self._val_requested = False
+        self._fitting = False
+        self._validation_enabled = False
         self.current_epoch = 0
         self.global_step = 0
         self._batches_that_stepped = 0
@@ -135,7 +137,7 @@ class RankTrainer:
         self._results: MetricLog | None = None
         self._log_rows: list[tuple[int, dict[str, float]]] = []
         self._current_hook: str | None = None
-        self._hook_targets: dict[tuple[str, bool], list[Any]] = {}  # see hooks._targets
+        self._hook_targets: dict[tuple[str, str], list[Any]] = {}  # see hooks._targets
         self._batch_hook_owners: dict[str, bool] = {}  # see loops._transfer_hook
         self._batch_idx: int | None = None
 

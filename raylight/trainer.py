@@ -20,7 +20,7 @@ import ray
 import torch
 from ray import cloudpickle
 
-from raylight.callbacks import Callback
+from raylight.callbacks import Callback, ModelCheckpoint
 from raylight.config import MisconfigurationException, make_config, make_scaling
 from raylight.datamodule import LightningDataModule
 from raylight.group import WorkerGroup
@@ -120,7 +120,8 @@ class Trainer:
                     "subclass raylight.Callback."
                 )
         self.enable_progress_bar = True if enable_progress_bar is None else enable_progress_bar
-        self.enable_checkpointing = enable_checkpointing
+        self.enable_checkpointing = enable_checkpointing is not False
+        _add_default_checkpoint(self.callbacks, self.enable_checkpointing)
         self.loggers = _resolve_loggers(logger, self.config.default_root_dir)
         self.placement_timeout_s = placement_timeout_s
         # Entry point: the environment is read here and nowhere deeper.
@@ -252,6 +253,15 @@ class Trainer:
             pass
 
     @property
+    def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
+        return [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+
+    @property
+    def checkpoint_callback(self) -> ModelCheckpoint | None:
+        callbacks = self.checkpoint_callbacks
+        return callbacks[0] if callbacks else None
+
+    @property
     def logger(self) -> Logger | None:
         return self.loggers[0] if self.loggers else None
 
@@ -319,6 +329,11 @@ class Trainer:
     ) -> WorkerGroup:
         """Start the workers if needed, then ship this call's objects to them once."""
         self.lightning_module, self.datamodule = model, datamodule
+        for callback in self.checkpoint_callbacks:
+            # Lightning's default: the logger's version directory, else default_root_dir.
+            if callback.dirpath is None:
+                root = self.log_dir if self.loggers else self.config.default_root_dir
+                callback.dirpath = os.path.join(root, "checkpoints")
         group = self._ensure_group()
         self.config.global_seed = _global_seed()
         job = {
@@ -446,6 +461,17 @@ def _check_fit_inputs(model: Any, train_dataloaders: Any, datamodule: Any) -> No
             "define train_dataloader on the datamodule or module, or pass "
             "trainer.fit(model, train_dataloaders=...)."
         )
+
+
+def _add_default_checkpoint(callbacks: list[Callback], enabled: bool) -> None:
+    has_checkpoint = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
+    if has_checkpoint and not enabled:
+        raise MisconfigurationException(
+            "Trainer was configured with `enable_checkpointing=False` but found "
+            "`ModelCheckpoint` in callbacks list: remove it or enable checkpointing."
+        )
+    if enabled and not has_checkpoint:
+        callbacks.append(ModelCheckpoint())
 
 
 def _resolve_loggers(logger: Any, default_root_dir: str) -> list[Logger]:

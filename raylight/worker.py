@@ -164,6 +164,7 @@ class Worker:
         trainer.callbacks = _ordered_callbacks(trainer.callbacks + _model_callbacks(trainer))
         trainer._hook_targets.clear()
         stage = job["stage"]
+        trainer._fitting = stage == "fit"
         self._prepare_data(trainer)
         _call_setup(trainer, stage)
         hooks.call_module(trainer, "configure_model")

@@ -1,0 +1,264 @@
+"""ModelCheckpoint, with Lightning's arguments and file naming.
+
+It runs on every rank. Rank 0 decides whether and where to save, and broadcasts the
+decision: every rank then takes part in the save (its hooks may run collectives), and
+the ranks stay in step even when a monitored metric was not synced across them.
+Rank 0 writes the file; the driver's copy of this callback carries rank 0's state
+(``best_model_path``, ``best_k_models``, ...) after ``fit``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from raylight.callbacks.callback import Callback
+from raylight.config import MisconfigurationException
+
+
+class ModelCheckpoint(Callback):
+    CHECKPOINT_JOIN_CHAR = "-"
+    CHECKPOINT_EQUALS_CHAR = "="
+    CHECKPOINT_NAME_LAST = "last"
+    FILE_EXTENSION = ".ckpt"
+    _monitors_metrics = True
+    _saves_checkpoints = True
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike | None = None,
+        filename: str | None = None,
+        monitor: str | None = None,
+        verbose: bool = False,
+        save_last: bool | None = None,
+        save_top_k: int = 1,
+        save_weights_only: bool = False,
+        mode: str = "min",
+        auto_insert_metric_name: bool = True,
+        every_n_train_steps: int | None = None,
+        train_time_interval: Any = None,
+        every_n_epochs: int | None = None,
+        save_on_train_epoch_end: bool | None = None,
+        enable_version_counter: bool = True,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise MisconfigurationException(f"`mode` can be 'min' or 'max', got {mode!r}.")
+        if save_top_k < -1:
+            raise MisconfigurationException(
+                f"Invalid value for save_top_k={save_top_k}. Must be >= -1"
+            )
+        if monitor is None and save_top_k not in (-1, 0, 1):
+            raise MisconfigurationException(
+                f"ModelCheckpoint(save_top_k={save_top_k}, monitor=None) is not a valid "
+                "configuration. No quantity for top_k to track: set monitor=..., or "
+                "save_top_k=-1 to keep every checkpoint."
+            )
+        if train_time_interval is not None:
+            raise MisconfigurationException(
+                "ModelCheckpoint(train_time_interval=...) is not supported yet: use "
+                "every_n_train_steps or every_n_epochs."
+            )
+        if every_n_train_steps is not None and every_n_train_steps < 0:
+            raise MisconfigurationException("every_n_train_steps must be >= 0.")
+        self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self.filename = filename
+        self.monitor = monitor
+        self.verbose = verbose
+        self.save_last = save_last
+        self.save_top_k = save_top_k
+        self.save_weights_only = save_weights_only
+        self.mode = mode
+        self.auto_insert_metric_name = auto_insert_metric_name
+        self._every_n_train_steps = every_n_train_steps or 0
+        self._every_n_epochs = (
+            every_n_epochs if every_n_epochs is not None else (0 if every_n_train_steps else 1)
+        )
+        self._save_on_train_epoch_end = save_on_train_epoch_end
+        self._enable_version_counter = enable_version_counter
+        self.best_k_models: dict[str, float] = {}
+        self.kth_best_model_path = ""
+        self.kth_value: float | None = None
+        self.best_model_score: float | None = None
+        self.best_model_path = ""
+        self.last_model_path = ""
+        self.current_score: float | None = None
+        self._last_saved = ""
+        self._last_global_step_saved = -1
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            monitor=self.monitor,
+            mode=self.mode,
+            every_n_train_steps=self._every_n_train_steps,
+            every_n_epochs=self._every_n_epochs,
+            train_time_interval=None,
+        )
+
+    # ---- when to save -------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        every = self._every_n_train_steps
+        if every and trainer.global_step % every == 0 and not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._on_train_epoch_end(trainer) and self._epoch_due(trainer):
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or trainer.stage != "validate" or not trainer._fitting:
+            return
+        if not self._on_train_epoch_end(trainer) and self._epoch_due(trainer):
+            self._save(trainer)
+
+    def _epoch_due(self, trainer: Any) -> bool:
+        every = self._every_n_epochs
+        return bool(every) and (trainer.current_epoch + 1) % every == 0
+
+    def _on_train_epoch_end(self, trainer: Any) -> bool:
+        """Lightning's rule: at the train epoch end, unless validation runs several times per
+        epoch or not every epoch (then after each validation)."""
+        if self._save_on_train_epoch_end is not None:
+            return self._save_on_train_epoch_end
+        if trainer.config.check_val_every_n_epoch != 1:
+            return False
+        if not trainer._validation_enabled:
+            return True
+        return trainer.config.val_check_interval == 1.0
+
+    # ---- saving -------------------------------------------------------------------------------
+    def _save(self, trainer: Any) -> None:
+        if trainer.global_step == self._last_global_step_saved:
+            return  # already saved at this step (e.g. both every_n_train_steps and epoch end)
+        decision = self._decide(trainer) if trainer.is_global_zero else None
+        decision = trainer.strategy.broadcast(decision, src=0)
+        self._last_global_step_saved = trainer.global_step
+        if decision is None:
+            return
+        filepath, score, remove = decision["filepath"], decision["score"], decision["remove"]
+        if filepath is not None:
+            trainer.save_checkpoint(filepath, self.save_weights_only)
+            self._record(filepath, score, remove, trainer)
+        if self.save_last:
+            last = self._last_path(trainer)
+            trainer.save_checkpoint(last, self.save_weights_only)
+            self.last_model_path = last
+
+    def _decide(self, trainer: Any) -> dict[str, Any] | None:
+        """Rank 0: where to save now (or None), the score, and what falls out of the top k."""
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if self.save_top_k == 0:
+            return {"filepath": None, "score": None, "remove": []}
+        if self.monitor is None:
+            filepath = self._new_path(trainer, metrics)
+            stale = (
+                self._last_saved if self.save_top_k == 1 and self._last_saved != filepath else ""
+            )
+            return {"filepath": filepath, "score": None, "remove": [stale] if stale else []}
+        if self.monitor not in metrics:
+            raise MisconfigurationException(
+                f"`ModelCheckpoint(monitor={self.monitor!r})` could not find the monitored key "
+                f"in the returned metrics: {sorted(metrics)}. HINT: Did you call "
+                f"`log({self.monitor!r}, value)` in the `LightningModule`?"
+            )
+        score = metrics[self.monitor]
+        if not self._better_than_kth(score):
+            return {"filepath": None, "score": score, "remove": []}
+        filepath = self._new_path(trainer, metrics)
+        remove = []
+        if self.save_top_k != -1 and len(self.best_k_models) >= self.save_top_k:
+            remove = [self.kth_best_model_path]
+        return {"filepath": filepath, "score": score, "remove": remove}
+
+    def _better_than_kth(self, score: float) -> bool:
+        if self.save_top_k == -1 or len(self.best_k_models) < self.save_top_k:
+            return True
+        if score != score:  # NaN never enters the top k
+            return False
+        return score < self.kth_value if self.mode == "min" else score > self.kth_value
+
+    def _record(self, filepath: str, score: float | None, remove: list[str], trainer: Any) -> None:
+        self.current_score = score
+        self._last_saved = filepath
+        if score is None:
+            self.best_model_path = filepath
+        else:
+            self.best_k_models[filepath] = score
+            for path in remove:
+                self.best_k_models.pop(path, None)
+            worst = max if self.mode == "min" else min
+            best = min if self.mode == "min" else max
+            self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.get)
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+            self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
+            self.best_model_score = self.best_k_models[self.best_model_path]
+        if trainer.is_global_zero:
+            for path in remove:
+                if path and path != filepath and os.path.exists(path):
+                    os.remove(path)
+            if self.verbose:
+                print(
+                    f"Epoch {trainer.current_epoch}, global step {trainer.global_step}: saved {filepath}"
+                )
+
+    # ---- names --------------------------------------------------------------------------------
+    def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None) -> str:
+        """``{epoch}-{step}`` -> ``epoch=3-step=120``; ``{val_loss:.2f}`` -> ``val_loss=0.31``.
+
+        As in Lightning, names may hold dots or slashes (a slash makes a subdirectory), and a
+        name missing from ``metrics`` formats as 0.
+        """
+        filename = filename or self.filename or "{epoch}" + self.CHECKPOINT_JOIN_CHAR + "{step}"
+        metrics = dict(metrics)
+        # Longest names first, so that "{epoch}" does not eat "{epoch_test}".
+        for group in sorted(re.findall(r"(\{.*?)[:\}]", filename), key=len, reverse=True):
+            name = group[1:]
+            if self.auto_insert_metric_name:
+                filename = filename.replace(group, name + self.CHECKPOINT_EQUALS_CHAR + "{" + name)
+            filename = filename.replace("{" + name, "{0[" + name + "]")
+            metrics.setdefault(name, 0)
+        return filename.format(metrics)
+
+    def _new_path(self, trainer: Any, metrics: dict[str, float]) -> str:
+        metrics = {**metrics, "epoch": trainer.current_epoch, "step": trainer.global_step}
+        name = self.format_checkpoint_name(metrics)
+        path = os.path.join(self.dirpath, name + self.FILE_EXTENSION)
+        version = 1
+        while self._enable_version_counter and os.path.exists(path) and path != self._last_saved:
+            path = os.path.join(self.dirpath, f"{name}-v{version}{self.FILE_EXTENSION}")
+            version += 1
+        return path
+
+    def _last_path(self, trainer: Any) -> str:
+        return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
+    # ---- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor,
+            "best_model_score": self.best_model_score,
+            "best_model_path": self.best_model_path,
+            "current_score": self.current_score,
+            "dirpath": self.dirpath,
+            "best_k_models": dict(self.best_k_models),
+            "kth_best_model_path": self.kth_best_model_path,
+            "kth_value": self.kth_value,
+            "last_model_path": self.last_model_path,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath") != self.dirpath:
+            return  # another run's directory: start this run's bookkeeping afresh (Lightning)
+        for key in (
+            "best_model_score",
+            "best_model_path",
+            "current_score",
+            "kth_best_model_path",
+            "kth_value",
+            "last_model_path",
+        ):
+            setattr(self, key, state_dict.get(key))
+        self.best_k_models = dict(state_dict.get("best_k_models", {}))
