@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -377,6 +378,7 @@ class Trainer:
         kwargs = {"logging_level": logging.WARNING, "log_to_driver": True, **self._ray_init_kwargs}
         address = self._ray_address
         if address and address != "local":
+            _probe(address)
             try:
                 ray.init(address=address, **kwargs)
             except (ConnectionError, RuntimeError) as error:
@@ -488,6 +490,22 @@ def _resolve_loggers(logger: Any, default_root_dir: str) -> list[Logger]:
                 "log_hyperparams and finalize (see raylight.loggers.Logger)."
             )
     return loggers
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when RAY_ADDRESS names nothing: ray.init would retry for minutes."""
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise ConnectionError(
+            f"RAY_ADDRESS={address!r} points to no reachable Ray cluster: nothing answered at "
+            f"{host}:{port} within {timeout_s:.0f} s ({error}). Start one with `ray start --head`, "
+            "fix RAY_ADDRESS, or unset it to let the Trainer start a local Ray instance."
+        ) from error
 
 
 def _global_seed() -> int | None:

@@ -166,3 +166,32 @@ def test_too_many_workers_wait_is_bounded(ray_session):
 def test_flags_out_of_range(flags, message):
     with pytest.raises(MisconfigurationException, match=message.replace("(", r"\(")):
         pl.Trainer(**flags)
+
+
+def test_ray_address_pointing_to_nothing_fails_in_seconds(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = (
+        "import raylight as pl\n"
+        "from models import Classifier, loader\n"
+        "pl.Trainer(logger=False, enable_checkpointing=False).fit(Classifier(), loader())\n"
+    )
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": f"127.0.0.1:{port}",
+        "PYTHONPATH": os.pathsep.join(
+            [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert time.monotonic() - started < 60
+    assert result.returncode != 0
+    assert f"RAY_ADDRESS='127.0.0.1:{port}' points to no reachable Ray cluster" in result.stderr
