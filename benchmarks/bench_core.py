@@ -176,14 +176,19 @@ def _print_table(results: dict[str, list[tuple[float, list[float]]]]) -> None:
     print(f"{'fit wall (s)':<24}" + "".join(f"{wall[side]:>10.2f}" for side in results))
     if len(results) < 2:
         return
-    ratio = steady["raylight"] / steady["ddp"]
-    extra = wall["raylight"] - wall["ddp"]
+    # Each repeat runs both sides back to back, so the ratio within a repeat cancels most of
+    # the shared machine's drift; the median of those ratios is the figure to quote.
+    pairs = zip(results["raylight"], results["ddp"], strict=True)
+    ratio = statistics.median(r[1][-1] / d[1][-1] for r, d in pairs)
+    extra = statistics.median(
+        r[0] - d[0] for r, d in zip(results["raylight"], results["ddp"], strict=True)
+    )
     print(
-        f"\nsteady epoch raylight/DDP: {ratio:.3f}x   "
+        f"\nsteady epoch raylight/DDP (median of per-repeat ratios): {ratio:.3f}x   "
         f"(goal <= {GOAL_EPOCH_RATIO}x: {'met' if ratio <= GOAL_EPOCH_RATIO else 'MISSED'})"
     )
     print(
-        f"fit wall raylight - DDP:   {extra:+.2f} s  "
+        f"fit wall raylight - DDP (median of per-repeat differences): {extra:+.2f} s  "
         f"(goal <= +{GOAL_EXTRA_WALL_S:.0f} s: {'met' if extra <= GOAL_EXTRA_WALL_S else 'MISSED'})"
     )
 
