@@ -52,13 +52,16 @@ def fit_start(trainer: RankTrainer, sanity_check: bool) -> None:
         raise MisconfigurationException(NO_TRAIN_LOADER)
     trainer.train_dataloader, trainer.num_training_batches = loaders[0], limits[0]
     trainer.stage = "train"
+    # What on_train_start logs counts towards the first epoch, as in Lightning.
+    trainer._results = trainer._train_results = MetricLog(trainer._all_reduce)
     hooks.call(trainer, "on_train_start")
 
 
 def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     """Run epoch ``epoch`` on this rank: its batches, its validations, its epoch-end hooks."""
     trainer.current_epoch, trainer.stage = epoch, "train"
-    results = trainer._results = MetricLog(trainer._all_reduce)
+    results = trainer._results = trainer._train_results or MetricLog(trainer._all_reduce)
+    trainer._train_results = None
     loader = trainer.train_dataloader
     set_epoch(loader, epoch)
     num_batches = trainer.num_training_batches
@@ -119,7 +122,8 @@ def _train_batch(
     trainer._results = results  # a hook may have run a nested loop
     hooks.call(trainer, "on_train_batch_end", outputs, batch, batch_idx)
     _publish_step_metrics(trainer, results, stepped)
-    stopping = trainer.should_stop and epoch + 1 >= trainer.config.min_epochs
+    # Lightning stops mid-epoch only once min_epochs epochs have completed.
+    stopping = trainer.should_stop and epoch >= trainer.config.min_epochs
     if val_every and (((batch_idx + 1) % val_every == 0 and not last) or stopping):
         _validate_during_fit(trainer)
         trainer._results = results

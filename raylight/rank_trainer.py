@@ -135,6 +135,7 @@ class RankTrainer:
         self.logged_metrics: dict[str, torch.Tensor] = {}
         self.progress_bar_metrics: dict[str, torch.Tensor] = {}
         self._results: MetricLog | None = None
+        self._train_results: MetricLog | None = None  # opened by on_train_start's logs
         self._log_rows: list[tuple[int, dict[str, float]]] = []
         self._current_hook: str | None = None
         self._hook_targets: dict[tuple[str, str], list[Any]] = {}  # see hooks._targets

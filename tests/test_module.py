@@ -323,3 +323,17 @@ def test_seed_everything_without_a_seed_reads_the_environment():
 def test_seed_everything_workers_flag():
     raylight.seed_everything(3, workers=True)
     assert os.environ["PL_SEED_WORKERS"] == "1"
+
+
+class _RankView:
+    def __init__(self, rank: int) -> None:
+        self.global_rank = rank
+
+
+def test_print_only_on_global_rank_zero(capsys):
+    module = LightningModule()
+    module.trainer = _RankView(1)
+    module.print("from rank one")
+    module.trainer = _RankView(0)
+    module.print("from rank zero")
+    assert capsys.readouterr().out == "from rank zero\n"

@@ -320,6 +320,7 @@ class ManualGAN(Classifier):
         first.step()
         second.step()
         self.log("n_optimizers", float(len(self.optimizers())))
+        self.log("no_schedulers", float(self.lr_schedulers() is None))
 
     def on_train_epoch_end(self):
         # Each rank saw other data: equal weights prove manual_backward synced gradients.
@@ -343,6 +344,7 @@ def test_manual_optimization_with_two_optimizers(ray_session):
     assert not torch.equal(model.head.weight, head_before)
     assert trainer.callback_metrics["n_optimizers"].item() == 2.0
     assert trainer.callback_metrics["ranks_agree"].item() == 1.0
+    assert trainer.callback_metrics["no_schedulers"].item() == 1.0
 
 
 # ---- precision, environment, data hooks ------------------------------------------------------------
@@ -394,3 +396,92 @@ def test_prepare_data_once_per_node_and_setup_on_every_rank(ray_session, tmp_pat
         for path in tmp_path.glob("*.jsonl")
     }
     assert hooks_by_rank == {"rank0": ["prepare_data", "setup:fit"], "rank1": ["setup:fit"]}
+
+
+# ---- smaller Lightning behaviours ---------------------------------------------------------------
+class TwoValLoaders(Classifier):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.log("which", float(dataloader_idx))
+        self.log_dict({"constant": 1.0})
+
+
+def test_several_eval_loaders_get_dataloader_idx(ray_session):
+    trainer = _trainer(max_epochs=1)
+    model = TwoValLoaders()
+    results = trainer.validate(model, dataloaders=[loader(), loader(batch_size=8)])
+    assert results == [
+        {"which/dataloader_idx_0": 0.0, "constant/dataloader_idx_0": 1.0},
+        {"which/dataloader_idx_1": 1.0, "constant/dataloader_idx_1": 1.0},
+    ]
+
+
+class StopsAtOnce(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+@pytest.mark.parametrize(("min_epochs", "epochs_run"), [(None, 1), (3, 3)])
+def test_should_stop_respects_min_epochs(ray_session, min_epochs, epochs_run):
+    trainer = _trainer(max_epochs=5, min_epochs=min_epochs, callbacks=[StopsAtOnce()])
+    trainer.fit(Classifier(), loader())
+    assert trainer.current_epoch == epochs_run
+    assert trainer.global_step == 4 * epochs_run
+
+
+def test_fractional_limit_and_no_distributed_sampler(ray_session, tmp_path):
+    model = RecordsIndices(str(tmp_path))
+    trainer = _trainer(max_epochs=1, limit_train_batches=0.5, use_distributed_sampler=False)
+    trainer.fit(model, DataLoader(IndexedDataset(64), batch_size=8))
+    assert trainer.global_step == 4  # half of the 8 batches each rank now sees
+    by_rank = {}
+    for path in tmp_path.glob("rank*.jsonl"):
+        by_rank[path.stem] = [
+            i for line in path.read_text().splitlines() for i in json.loads(line)["indices"]
+        ]
+    assert by_rank["rank0"] == by_rank["rank1"] == list(range(32))  # no sampler: same data
+
+
+class Replacement(pl.Callback):
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.log("replacement_is_model_s", float(self.tag == "model"))
+
+
+class ConfiguresCallbacks(Classifier):
+    def configure_callbacks(self):
+        return [Replacement("model")]
+
+    def on_train_start(self):
+        self.log("device_is_cpu", float(self.device == torch.device("cpu")))
+        self.log(
+            "local_rank", float(self.local_rank), on_epoch=True, reduce_fx="max", sync_dist=True
+        )
+
+
+def test_configure_callbacks_replaces_trainer_callbacks_of_the_same_type(ray_session):
+    trainer = _trainer(max_epochs=1, callbacks=[Replacement("trainer")])
+    trainer.fit(ConfiguresCallbacks(), loader())
+    assert trainer.callback_metrics["replacement_is_model_s"].item() == 1.0
+    assert trainer.callback_metrics["device_is_cpu"].item() == 1.0
+    assert trainer.callback_metrics["local_rank"].item() == 1.0
+
+
+class RecordsException(pl.Callback):
+    def __init__(self, record_dir: str) -> None:
+        self.record_dir = record_dir
+
+    def on_exception(self, trainer, pl_module, exception):
+        _record(self.record_dir, trainer.global_rank, error=type(exception).__name__)
+
+
+class Raises(Classifier):
+    def training_step(self, batch, batch_idx):
+        raise KeyError("boom")
+
+
+def test_on_exception_runs_on_the_failing_rank(ray_session, tmp_path):
+    with pytest.raises(KeyError):
+        _trainer(max_epochs=1, callbacks=[RecordsException(str(tmp_path))]).fit(Raises(), loader())
+    assert {"error": "KeyError"} in _records(tmp_path)
