@@ -8,13 +8,14 @@ lives under the ``raylight`` key.
 
 from __future__ import annotations
 
-import os
+import io
+import json
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from raylight import hooks
+from raylight import hooks, storage
 
 LIGHTNING_VERSION = "2.6.0"  # the format version pytorch-lightning readers check
 RAYLIGHT_VERSION = "0.1.0"
@@ -50,12 +51,11 @@ def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
 
 
 def save(checkpoint: dict[str, Any], filepath: str) -> None:
-    """Write atomically: a reader sees the old file or the whole new one, never a part."""
-    directory = os.path.dirname(os.path.abspath(filepath))
-    os.makedirs(directory, exist_ok=True)
-    partial = f"{filepath}.partial-{os.getpid()}"
-    torch.save(checkpoint, partial)
-    os.replace(partial, filepath)
+    """Write atomically to a local path or storage URI: a reader sees the old file or the
+    whole new one, never a part."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    storage.write_bytes(filepath, buffer.getvalue())
 
 
 def save_from_rank(trainer: Any, filepath: str, weights_only: bool = False) -> None:
@@ -68,10 +68,11 @@ def save_from_rank(trainer: Any, filepath: str, weights_only: bool = False) -> N
 
 
 def load(filepath: str) -> dict[str, Any]:
-    if not os.path.exists(filepath):
+    if not storage.exists(filepath):
         raise FileNotFoundError(f"Checkpoint at {filepath} not found: check ckpt_path.")
+    data = storage.read_bytes(filepath)
     try:
-        return torch.load(filepath, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:
         raise RuntimeError(
             f"Checkpoint at {filepath} could not be read ({type(error).__name__}: {error}). "
@@ -108,3 +109,42 @@ def restore(trainer: Any, filepath: str, stage: str) -> None:
     trainer.global_step = checkpoint["global_step"]
     trainer.current_epoch = position.get("next_epoch", checkpoint["epoch"] + 1)
     trainer._batches_that_stepped = position.get("batches_that_stepped", checkpoint["global_step"])
+
+
+# ---- the run's checkpoint index, kept in storage -------------------------------------------------
+# A checkpoint is committed once its file is written; the index is updated after that, so
+# every entry names a complete file. It lives at the run's root (default_root_dir), so a new
+# driver process finds "last" and "best" there, whichever version directory they are in.
+INDEX_NAME = "raylight-checkpoints.json"
+
+
+def _read_index(root: str) -> list[dict[str, Any]]:
+    location = storage.join(root, INDEX_NAME)
+    if not storage.exists(location):
+        return []
+    return json.loads(storage.read_bytes(location))["checkpoints"]
+
+
+def update_index(root: str, added: dict[str, Any] | None, removed: list[str]) -> None:
+    entries = [e for e in _read_index(root) if e["path"] not in removed]
+    if added is not None:
+        entries = [e for e in entries if e["path"] != added["path"]] + [added]
+    document = {"checkpoints": entries}
+    storage.write_bytes(storage.join(root, INDEX_NAME), json.dumps(document, indent=1).encode())
+
+
+def latest_in_index(root: str) -> str | None:
+    entries = [e for e in _read_index(root) if storage.exists(e["path"])]
+    if not entries:
+        return None
+    return max(entries, key=lambda e: (e["global_step"], e["time"]))["path"]
+
+
+def best_in_index(root: str, monitor: str, mode: str) -> str | None:
+    scored = [e for e in _read_index(root)
+              if e.get("monitor") == monitor and e.get("score") is not None
+              and storage.exists(e["path"])]
+    if not scored:
+        return None
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda e: e["score"])["path"]

@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ import ray
 import torch
 from ray import cloudpickle
 
+from raylight import checkpoint, storage
 from raylight.callbacks import Callback, ModelCheckpoint
 from raylight.config import MisconfigurationException, make_config, make_scaling
 from raylight.datamodule import LightningDataModule
@@ -177,6 +179,7 @@ class Trainer:
         if isinstance(train_dataloaders, LightningDataModule):
             datamodule, train_dataloaders = train_dataloaders, None
         _check_fit_inputs(model, train_dataloaders, datamodule)
+        ckpt_path = self._resolve_ckpt_path(ckpt_path, "fit")
         loaders = {"train": train_dataloaders, "val": val_dataloaders}
         with self._logging_run():
             group = self._prepare(model, datamodule, "fit", loaders, ckpt_path)
@@ -228,6 +231,7 @@ class Trainer:
     ) -> list[Any] | None:
         """Predictions of every rank, in dataset order (each rank reads a contiguous slice)."""
         model, datamodule = self._resolve_eval_inputs("predict", model, dataloaders, datamodule)
+        ckpt_path = self._resolve_ckpt_path(ckpt_path, "predict")
         group = self._prepare(model, datamodule, "predict", {"predict": dataloaders}, ckpt_path)
         per_rank = group.run_on_all("predict", what="predict")
         merged = [sum((rank[i] for rank in per_rank), []) for i in range(len(per_rank[0]))]
@@ -282,7 +286,39 @@ class Trainer:
         for logger in self.loggers:
             logger.finalize("success")
 
-    # ---- internals -------------------------------------------------------------------------------
+    # ---- internals ---------------------------------------------------------------------------
+    def _resolve_ckpt_path(self, ckpt_path: Any, fn: str) -> str | None:
+        """Lightning's "last" and "best", also from a new driver: they come from this run's
+        callbacks if they saved anything, else from the checkpoint index in storage."""
+        if ckpt_path not in ("last", "best"):
+            return os.fspath(ckpt_path) if ckpt_path else None
+        root = self.config.default_root_dir
+        callback = self.checkpoint_callback
+        if ckpt_path == "best":
+            if callback is None:
+                raise MisconfigurationException(
+                    f'.{fn}(ckpt_path="best") is set but `ModelCheckpoint` is not configured.'
+                )
+            path = callback.best_model_path or (
+                checkpoint.best_in_index(root, callback.monitor, callback.mode)
+                if callback.monitor else checkpoint.latest_in_index(root))
+            if not path:
+                raise MisconfigurationException(
+                    f'.{fn}(ckpt_path="best") is set but `ModelCheckpoint` has not saved any '
+                    f"checkpoints yet, here or under {storage.redact(root)}."
+                )
+            return path
+        paths = [cb.last_model_path or cb._last_saved for cb in self.checkpoint_callbacks]
+        path = next((p for p in paths if p), None) or checkpoint.latest_in_index(root)
+        if path is None:
+            warnings.warn(
+                f'.{fn}(ckpt_path="last") is set, but there is no last checkpoint under '
+                f"{storage.redact(root)}. No checkpoint will be loaded.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return path
+
     def _evaluate(
         self,
         stage: str,
@@ -294,6 +330,7 @@ class Trainer:
     ) -> list[dict[str, float]]:
         model, datamodule = self._resolve_eval_inputs(stage, model, dataloaders, datamodule)
         loaders = {_STAGE_LOADER[stage]: dataloaders}
+        ckpt_path = self._resolve_ckpt_path(ckpt_path, stage)
         with self._logging_run():
             group = self._prepare(model, datamodule, stage, loaders, ckpt_path)
             results = group.run_on_all("evaluate", stage, what=stage)[0]
@@ -334,7 +371,8 @@ class Trainer:
             # Lightning's default: the logger's version directory, else default_root_dir.
             if callback.dirpath is None:
                 root = self.log_dir if self.loggers else self.config.default_root_dir
-                callback.dirpath = os.path.join(root, "checkpoints")
+                callback.dirpath = storage.join(root, "checkpoints")
+            storage.check_reachable(callback.dirpath)
         group = self._ensure_group()
         self.config.global_seed = _global_seed()
         job = {

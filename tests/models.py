@@ -88,3 +88,12 @@ class DataModule(pl.LightningDataModule):
 
     def predict_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+class ScriptedScore(Classifier):
+    """Logs a score per epoch from a script, so the top k is known in advance."""
+
+    SCORES = [3.0, 1.0, 2.0, 0.0]
+
+    def validation_step(self, batch, batch_idx):
+        self.log("score", self.SCORES[self.current_epoch])

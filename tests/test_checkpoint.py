@@ -82,3 +82,55 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(ray_session, tmp_path)
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="could not be read"):
         _trainer(max_epochs=1).fit(Classifier(), loader(), ckpt_path=corrupt)
+
+
+_NEW_DRIVER = """
+import sys
+import raylight as pl
+from models import Classifier, loader
+
+trainer = pl.Trainer(num_workers=2, max_epochs=int(sys.argv[2]), default_root_dir=sys.argv[1],
+                     enable_progress_bar=False)
+trainer.fit(Classifier(), loader(), loader(), ckpt_path=sys.argv[3] if len(sys.argv) > 3 else None)
+print("global_step", trainer.global_step)
+"""
+
+
+def test_last_from_a_new_driver_uses_the_index_in_storage(ray_session, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+
+    def driver(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-c", _NEW_DRIVER, str(tmp_path), *args], env=env,
+                                capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    assert "global_step 8" in driver("2")
+    # A second process, a new logger version directory: "last" still finds epoch 1's file.
+    assert "global_step 12" in driver("3", "last")
+    checkpoints = sorted(p.name for p in tmp_path.glob("lightning_logs/*/checkpoints/*.ckpt"))
+    assert checkpoints == ["epoch=1-step=8.ckpt", "epoch=2-step=12.ckpt"]
+
+
+def test_best_and_last_in_the_same_process(ray_session, tmp_path):
+    from models import ScriptedScore
+
+    from raylight.callbacks import ModelCheckpoint
+
+    callback = ModelCheckpoint(monitor="score", save_last=True)
+    trainer = pl.Trainer(num_workers=2, max_epochs=4, default_root_dir=tmp_path, logger=False,
+                         callbacks=[callback], enable_progress_bar=False)
+    trainer.fit(ScriptedScore(), loader(), loader())
+    assert trainer._resolve_ckpt_path("best", "fit") == callback.best_model_path
+    assert callback.best_model_path.endswith("epoch=3-step=16.ckpt")
+    assert trainer._resolve_ckpt_path("last", "fit") == str(tmp_path / "checkpoints" / "last.ckpt")
+    fresh = pl.Trainer(default_root_dir=tmp_path, logger=False,
+                       callbacks=[ModelCheckpoint(monitor="score")])
+    assert fresh._resolve_ckpt_path("best", "fit") == callback.best_model_path  # from the index
+    with pytest.warns(UserWarning, match="no last checkpoint"):
+        assert pl.Trainer(default_root_dir=tmp_path / "empty")._resolve_ckpt_path("last", "fit") is None

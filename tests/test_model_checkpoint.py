@@ -6,20 +6,11 @@ import os
 
 import pytest
 import torch
-from models import Classifier, loader
+from models import Classifier, ScriptedScore, loader
 
 import raylight as pl
 from raylight.callbacks import ModelCheckpoint
 from raylight.config import MisconfigurationException
-
-
-class ScriptedScore(Classifier):
-    """Logs a score per epoch from a script, so the top k is known in advance."""
-
-    SCORES = [3.0, 1.0, 2.0, 0.0]
-
-    def validation_step(self, batch, batch_idx):
-        self.log("score", self.SCORES[self.current_epoch])
 
 
 def _names(directory) -> list[str]:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Any
 
+from raylight import checkpoint, storage
 from raylight.callbacks.callback import Callback
 from raylight.config import MisconfigurationException
 
@@ -61,7 +63,7 @@ class ModelCheckpoint(Callback):
             )
         if every_n_train_steps is not None and every_n_train_steps < 0:
             raise MisconfigurationException("every_n_train_steps must be >= 0.")
-        self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self.dirpath = os.fspath(dirpath) if dirpath is not None else None  # a path or URI
         self.filename = filename
         self.monitor = monitor
         self.verbose = verbose
@@ -146,6 +148,11 @@ class ModelCheckpoint(Callback):
             last = self._last_path(trainer)
             trainer.save_checkpoint(last, self.save_weights_only)
             self.last_model_path = last
+            if trainer.is_global_zero:
+                entry = {"path": last, "epoch": trainer.current_epoch,
+                         "global_step": trainer.global_step, "monitor": None, "score": None,
+                         "time": time.time()}
+                checkpoint.update_index(trainer.default_root_dir, entry, [])
 
     def _decide(self, trainer: Any) -> dict[str, Any] | None:
         """Rank 0: where to save now (or None), the score, and what falls out of the top k."""
@@ -197,8 +204,12 @@ class ModelCheckpoint(Callback):
             self.best_model_score = self.best_k_models[self.best_model_path]
         if trainer.is_global_zero:
             for path in remove:
-                if path and path != filepath and os.path.exists(path):
-                    os.remove(path)
+                if path and path != filepath:
+                    storage.delete(path)
+            entry = {"path": filepath, "epoch": trainer.current_epoch,
+                     "global_step": trainer.global_step, "monitor": self.monitor,
+                     "score": score, "time": time.time()}
+            checkpoint.update_index(trainer.default_root_dir, entry, remove)
             if self.verbose:
                 print(
                     f"Epoch {trainer.current_epoch}, global step {trainer.global_step}: saved {filepath}"
@@ -225,15 +236,15 @@ class ModelCheckpoint(Callback):
     def _new_path(self, trainer: Any, metrics: dict[str, float]) -> str:
         metrics = {**metrics, "epoch": trainer.current_epoch, "step": trainer.global_step}
         name = self.format_checkpoint_name(metrics)
-        path = os.path.join(self.dirpath, name + self.FILE_EXTENSION)
+        path = storage.join(self.dirpath, name + self.FILE_EXTENSION)
         version = 1
-        while self._enable_version_counter and os.path.exists(path) and path != self._last_saved:
-            path = os.path.join(self.dirpath, f"{name}-v{version}{self.FILE_EXTENSION}")
+        while self._enable_version_counter and path != self._last_saved and storage.exists(path):
+            path = storage.join(self.dirpath, f"{name}-v{version}{self.FILE_EXTENSION}")
             version += 1
         return path
 
     def _last_path(self, trainer: Any) -> str:
-        return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        return storage.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
     # ---- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from typing import Any
 
 import yaml
 
+from raylight import storage
 from raylight.loggers.logger import Logger
 
 
@@ -25,8 +27,8 @@ class CSVLogger(Logger):
         self._version = version
         self._prefix = prefix
         self._flush_every = flush_logs_every_n_steps
-        self._pending: list[dict[str, Any]] = []
-        self._columns: list[str] = []
+        self._rows: list[dict[str, Any]] = []
+        self._unsaved = 0
 
     @property
     def name(self) -> str:
@@ -44,56 +46,45 @@ class CSVLogger(Logger):
 
     @property
     def root_dir(self) -> str:
-        return os.path.join(self._save_dir, self._name)
+        return storage.join(self._save_dir, self._name) if self._name else self._save_dir
 
     @property
     def log_dir(self) -> str:
         version = self.version if isinstance(self.version, str) else f"version_{self.version}"
-        return os.path.join(self.root_dir, version)
+        return storage.join(self.root_dir, version)
 
     def _next_version(self) -> int:
-        if not os.path.isdir(self.root_dir):
-            return 0
         versions = [
-            int(entry.name.split("_", 1)[1])
-            for entry in os.scandir(self.root_dir)
-            if entry.is_dir() and entry.name.startswith("version_") and entry.name[8:].isdigit()
+            int(name[len("version_") :])
+            for name in storage.list_names(self.root_dir, directories=True)
+            if name.startswith("version_") and name[len("version_") :].isdigit()
         ]
         return max(versions, default=-1) + 1
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
-        os.makedirs(self.log_dir, exist_ok=True)
-        with open(os.path.join(self.log_dir, "hparams.yaml"), "w") as f:
-            yaml.safe_dump(_plain(dict(params)), f)
+        text = yaml.safe_dump(_plain(dict(params)))
+        storage.write_bytes(storage.join(self.log_dir, "hparams.yaml"), text.encode())
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         row = {f"{self._prefix}{k}" if self._prefix else k: v for k, v in metrics.items()}
         row["step"] = step
-        self._pending.append(row)
-        if len(self._pending) >= self._flush_every:
+        self._rows.append(row)
+        self._unsaved += 1
+        if self._unsaved >= self._flush_every:
             self.save()
 
     def save(self) -> None:
-        """Append the pending rows to metrics.csv; rewrite it only when new names appear."""
-        if not self._pending:
+        """Write metrics.csv whole (atomically, to a path or storage URI); its header holds
+        every metric name seen so far."""
+        if not self._unsaved:
             return
-        new = [k for row in self._pending for k in row if k not in self._columns]
-        new = list(dict.fromkeys(new))
-        os.makedirs(self.log_dir, exist_ok=True)
-        path = os.path.join(self.log_dir, "metrics.csv")
-        if new:
-            written = []
-            if self._columns and os.path.exists(path):
-                with open(path, newline="") as f:
-                    written = list(csv.DictReader(f))
-            self._columns += new
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self._columns)
-                writer.writeheader()
-                writer.writerows(written)
-        with open(path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self._columns).writerows(self._pending)
-        self._pending = []
+        columns = list(dict.fromkeys(k for row in self._rows for k in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self._rows)
+        storage.write_bytes(storage.join(self.log_dir, "metrics.csv"), text.getvalue().encode())
+        self._unsaved = 0
 
 
 def _plain(value: Any) -> Any:
