@@ -38,6 +38,9 @@ def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
     if not weights_only:
         checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
         checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
+        scaler = trainer.precision_plugin.scaler
+        if scaler is not None:  # Lightning's key for the AMP plugin's state
+            checkpoint["MixedPrecision"] = scaler.state_dict()
         checkpoint["lr_schedulers"] = [
             c.scheduler.state_dict() for c in trainer.lr_scheduler_configs
         ]
@@ -106,6 +109,9 @@ def restore(trainer: Any, filepath: str, stage: str) -> None:
     # A checkpoint from pytorch-lightning has no "raylight" entry; its end-of-epoch
     # checkpoints resume at the next epoch.
     position = checkpoint.get("raylight", {})
+    scaler = trainer.precision_plugin.scaler
+    if scaler is not None and "MixedPrecision" in checkpoint:
+        scaler.load_state_dict(checkpoint["MixedPrecision"])
     trainer.global_step = checkpoint["global_step"]
     trainer.current_epoch = position.get("next_epoch", checkpoint["epoch"] + 1)
     trainer._batches_that_stepped = position.get("batches_that_stepped", checkpoint["global_step"])
@@ -141,9 +147,11 @@ def latest_in_index(root: str) -> str | None:
 
 
 def best_in_index(root: str, monitor: str, mode: str) -> str | None:
-    scored = [e for e in _read_index(root)
-              if e.get("monitor") == monitor and e.get("score") is not None
-              and storage.exists(e["path"])]
+    scored = [
+        e
+        for e in _read_index(root)
+        if e.get("monitor") == monitor and e.get("score") is not None and storage.exists(e["path"])
+    ]
     if not scored:
         return None
     pick = min if mode == "min" else max

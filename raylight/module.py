@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -152,6 +153,30 @@ class LightningModule(nn.Module):
         self._hparams = AttributeDict(hparams)
         self._hparams_initial = AttributeDict(copy.deepcopy(hparams))
         self._log_hyperparams = logger
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Any,
+        map_location: Any = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> LightningModule:
+        """Build the module from a ``.ckpt`` (raylight's or pytorch-lightning's): its saved
+        hyperparameters, overridden by ``kwargs``, then its weights."""
+        # Imported here so that importing this file stays free of the engine.
+        from raylight import checkpoint as checkpoint_format
+
+        loaded = checkpoint_format.load(os.fspath(checkpoint_path))
+        hparams = {**loaded.get("hyper_parameters", {}), **kwargs}
+        model = cls(**hparams)
+        model.on_load_checkpoint(loaded)
+        model.load_state_dict(
+            loaded["state_dict"], strict=model.strict_loading if strict is None else strict
+        )
+        if map_location is not None:
+            model.to(map_location)
+        return model
 
     # ---- engine helpers (delegate to the per-rank trainer view) -------------------------
     def log(

@@ -301,7 +301,9 @@ class Trainer:
                 )
             path = callback.best_model_path or (
                 checkpoint.best_in_index(root, callback.monitor, callback.mode)
-                if callback.monitor else checkpoint.latest_in_index(root))
+                if callback.monitor
+                else checkpoint.latest_in_index(root)
+            )
             if not path:
                 raise MisconfigurationException(
                     f'.{fn}(ckpt_path="best") is set but `ModelCheckpoint` has not saved any '

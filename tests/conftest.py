@@ -85,7 +85,8 @@ def s3_server():
         port = sock.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 30
@@ -97,8 +98,13 @@ def s3_server():
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("moto's S3 server did not start") from None
                 time.sleep(0.2)
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                              aws_access_key_id="test", aws_secret_access_key="test")
+        client = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
         client.create_bucket(Bucket="raylight")
         yield f"s3://test:test@raylight?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
     finally:

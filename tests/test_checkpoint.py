@@ -101,12 +101,22 @@ def test_last_from_a_new_driver_uses_the_index_in_storage(ray_session, tmp_path)
     import subprocess
     import sys
 
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        "PYTHONPATH": os.pathsep.join(
+            [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
 
     def driver(*args: str) -> str:
-        result = subprocess.run([sys.executable, "-c", _NEW_DRIVER, str(tmp_path), *args], env=env,
-                                capture_output=True, text=True, timeout=240)
+        result = subprocess.run(
+            [sys.executable, "-c", _NEW_DRIVER, str(tmp_path), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 
@@ -123,14 +133,24 @@ def test_best_and_last_in_the_same_process(ray_session, tmp_path):
     from raylight.callbacks import ModelCheckpoint
 
     callback = ModelCheckpoint(monitor="score", save_last=True)
-    trainer = pl.Trainer(num_workers=2, max_epochs=4, default_root_dir=tmp_path, logger=False,
-                         callbacks=[callback], enable_progress_bar=False)
+    trainer = pl.Trainer(
+        num_workers=2,
+        max_epochs=4,
+        default_root_dir=tmp_path,
+        logger=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+    )
     trainer.fit(ScriptedScore(), loader(), loader())
     assert trainer._resolve_ckpt_path("best", "fit") == callback.best_model_path
     assert callback.best_model_path.endswith("epoch=3-step=16.ckpt")
     assert trainer._resolve_ckpt_path("last", "fit") == str(tmp_path / "checkpoints" / "last.ckpt")
-    fresh = pl.Trainer(default_root_dir=tmp_path, logger=False,
-                       callbacks=[ModelCheckpoint(monitor="score")])
+    fresh = pl.Trainer(
+        default_root_dir=tmp_path, logger=False, callbacks=[ModelCheckpoint(monitor="score")]
+    )
     assert fresh._resolve_ckpt_path("best", "fit") == callback.best_model_path  # from the index
     with pytest.warns(UserWarning, match="no last checkpoint"):
-        assert pl.Trainer(default_root_dir=tmp_path / "empty")._resolve_ckpt_path("last", "fit") is None
+        assert (
+            pl.Trainer(default_root_dir=tmp_path / "empty")._resolve_ckpt_path("last", "fit")
+            is None
+        )

@@ -16,7 +16,8 @@ from raylight.callbacks import ModelCheckpoint
 def test_join_keeps_uri_query_and_redacts_credentials(tmp_path):
     uri = "s3://key:secret@bucket/run?endpoint_override=h:1&scheme=http"
     assert storage.join(uri, "checkpoints", "a.ckpt") == (
-        "s3://key:secret@bucket/run/checkpoints/a.ckpt?endpoint_override=h:1&scheme=http")
+        "s3://key:secret@bucket/run/checkpoints/a.ckpt?endpoint_override=h:1&scheme=http"
+    )
     assert storage.redact(uri) == "s3://***@bucket/run?endpoint_override=h:1&scheme=http"
     assert storage.join(str(tmp_path), "a") == str(tmp_path / "a")
     assert not storage.is_uri(str(tmp_path)) and storage.is_uri(uri)
@@ -24,7 +25,11 @@ def test_join_keeps_uri_query_and_redacts_credentials(tmp_path):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_write_read_list_delete(where, tmp_path, request):
-    root = str(tmp_path) if where == "local" else storage.join(request.getfixturevalue("s3_server"), "unit")
+    root = (
+        str(tmp_path)
+        if where == "local"
+        else storage.join(request.getfixturevalue("s3_server"), "unit")
+    )
     target = storage.join(root, "dir", "blob.bin")
     assert not storage.exists(target)
     storage.write_bytes(target, b"payload")
@@ -40,18 +45,25 @@ def test_write_read_list_delete(where, tmp_path, request):
 @pytest.mark.slow
 def test_checkpoints_top_k_and_resume_on_s3(ray_session, s3_server):
     directory = storage.join(s3_server, "run", "checkpoints")
-    callback = ModelCheckpoint(dirpath=directory, filename="{epoch}-{score:.1f}", monitor="score",
-                               save_top_k=2)
-    trainer = pl.Trainer(num_workers=2, max_epochs=4, callbacks=[callback], logger=False,
-                         enable_progress_bar=False)
+    callback = ModelCheckpoint(
+        dirpath=directory, filename="{epoch}-{score:.1f}", monitor="score", save_top_k=2
+    )
+    trainer = pl.Trainer(
+        num_workers=2, max_epochs=4, callbacks=[callback], logger=False, enable_progress_bar=False
+    )
     trainer.fit(ScriptedScore(), loader(), loader())
     # Epochs 0 and 2 were saved, then deleted from the bucket when they fell out of the top 2.
     assert storage.list_names(directory) == ["epoch=1-score=1.0.ckpt", "epoch=3-score=0.0.ckpt"]
     assert callback.best_model_path == storage.join(directory, "epoch=3-score=0.0.ckpt")
     assert checkpoint.load(callback.best_model_path)["global_step"] == 16
 
-    resumed = pl.Trainer(num_workers=2, max_epochs=5, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False)
+    resumed = pl.Trainer(
+        num_workers=2,
+        max_epochs=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     resumed.fit(Classifier(), loader(), ckpt_path=callback.best_model_path)
     assert resumed.global_step == 20
 

@@ -149,9 +149,14 @@ class ModelCheckpoint(Callback):
             trainer.save_checkpoint(last, self.save_weights_only)
             self.last_model_path = last
             if trainer.is_global_zero:
-                entry = {"path": last, "epoch": trainer.current_epoch,
-                         "global_step": trainer.global_step, "monitor": None, "score": None,
-                         "time": time.time()}
+                entry = {
+                    "path": last,
+                    "epoch": trainer.current_epoch,
+                    "global_step": trainer.global_step,
+                    "monitor": None,
+                    "score": None,
+                    "time": time.time(),
+                }
                 checkpoint.update_index(trainer.default_root_dir, entry, [])
 
     def _decide(self, trainer: Any) -> dict[str, Any] | None:
@@ -206,9 +211,14 @@ class ModelCheckpoint(Callback):
             for path in remove:
                 if path and path != filepath:
                     storage.delete(path)
-            entry = {"path": filepath, "epoch": trainer.current_epoch,
-                     "global_step": trainer.global_step, "monitor": self.monitor,
-                     "score": score, "time": time.time()}
+            entry = {
+                "path": filepath,
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "monitor": self.monitor,
+                "score": score,
+                "time": time.time(),
+            }
             checkpoint.update_index(trainer.default_root_dir, entry, remove)
             if self.verbose:
                 print(
