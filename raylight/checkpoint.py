@@ -121,7 +121,7 @@ def restore(trainer: Any, filepath: str, stage: str) -> None:
 # A checkpoint is committed once its file is written; the index is updated after that, so
 # every entry names a complete file. It lives at the run's root (default_root_dir), so a new
 # driver process finds "last" and "best" there, whichever version directory they are in.
-INDEX_NAME = "raylight-checkpoints.json"
+INDEX_NAME = ".raylight-checkpoints.json"
 
 
 def _read_index(root: str) -> list[dict[str, Any]]:
