@@ -29,7 +29,6 @@ def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
         "pytorch-lightning_version": LIGHTNING_VERSION,
         "raylight_version": RAYLIGHT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-        "loops": {},
         "raylight": {
             "next_epoch": trainer.current_epoch + int(trainer._epoch_batches_done),
             "batches_that_stepped": trainer._batches_that_stepped,
@@ -87,13 +86,15 @@ def restore(trainer: Any, filepath: str, stage: str) -> None:
     """Lightning's order: weights, ``on_load_checkpoint``, callbacks, optimizers, progress."""
     checkpoint = load(filepath)
     module = trainer.lightning_module
-    module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
+    # Lightning's order: the module's hook may rewrite the checkpoint before the weights load.
     hooks.call_module(trainer, "on_load_checkpoint", checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
     datamodule = trainer.datamodule
     if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
         datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
     if stage != "fit":
         return
+    hooks.call_callbacks(trainer, "on_load_checkpoint", checkpoint)
     states = checkpoint.get("callbacks", {})
     for callback in trainer.callbacks:
         if callback.state_key in states:
@@ -143,7 +144,7 @@ def latest_in_index(root: str) -> str | None:
     entries = [e for e in _read_index(root) if storage.exists(e["path"])]
     if not entries:
         return None
-    return max(entries, key=lambda e: (e["global_step"], e["time"]))["path"]
+    return max(entries, key=lambda e: e["time"])["path"]  # the newest commit, of any run
 
 
 def best_in_index(root: str, monitor: str, mode: str) -> str | None:

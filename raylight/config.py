@@ -24,6 +24,14 @@ _PRECISIONS = {
 }
 
 
+NO_TRAIN_LOADER = (
+    "No `train_dataloader()` method defined. The Trainer expects as minimum a "
+    "`training_step()`, `train_dataloader()` and `configure_optimizers()` to be defined: "
+    "define train_dataloader on the datamodule or module, or pass "
+    "trainer.fit(model, train_dataloaders=...)."
+)
+
+
 class MisconfigurationException(ValueError):
     """A Trainer flag or a user hook returned something the Trainer cannot use."""
 

@@ -189,7 +189,11 @@ class WorkerGroup:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+            try:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+            except BaseException:  # Ctrl-C: never leave ranks running on their own
+                self.shutdown(force=True)
+                raise
             if not ready:
                 self.shutdown(force=True)
                 raise TimeoutError(

@@ -105,8 +105,13 @@ class _Entry:
 class MetricLog:
     """All ``self.log`` results of one loop (a training epoch, or one evaluation run)."""
 
-    def __init__(self, all_reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        all_reduce: Callable[[torch.Tensor, str], torch.Tensor],
+        device: torch.device | None = None,
+    ) -> None:
         self._all_reduce = all_reduce
+        self.device = device
         self._entries: dict[str, _Entry] = {}
         self.batch: Any = None  # the current batch, for batch-size inference
         self.dataloader_idx: int | None = None  # set when there are several eval loaders
@@ -138,7 +143,7 @@ class MetricLog:
         on_step = default_step if on_step is None else on_step
         on_epoch = default_epoch if on_epoch is None else on_epoch
         reduce_fx = _reduce_name(reduce_fx)
-        value = _to_scalar_tensor(name, value)
+        value = _to_scalar_tensor(name, value, self.device)
         if add_dataloader_idx and self.dataloader_idx is not None:
             name = f"{name}/dataloader_idx_{self.dataloader_idx}"
 
@@ -226,9 +231,9 @@ def _reduce_name(reduce_fx: Any) -> str:
     return name
 
 
-def _to_scalar_tensor(name: str, value: Any) -> torch.Tensor:
-    if isinstance(value, bool | int | float):
-        return torch.tensor(float(value))
+def _to_scalar_tensor(name: str, value: Any, device: torch.device | None = None) -> torch.Tensor:
+    if isinstance(value, bool | int | float):  # on the rank's device: NCCL reduces only there
+        return torch.tensor(float(value), device=device)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(

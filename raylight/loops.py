@@ -47,20 +47,20 @@ def fit_start(trainer: RankTrainer, sanity_check: bool) -> None:
         trainer.callback_metrics, trainer.logged_metrics = {}, {}
         trainer.progress_bar_metrics = {}
         trainer._log_rows.clear()
-    loaders, limits = request_loaders(trainer, "train")
-    if not loaders:
-        raise MisconfigurationException(NO_TRAIN_LOADER)
-    trainer.train_dataloader, trainer.num_training_batches = loaders[0], limits[0]
+    if trainer.train_dataloader is None:  # configure_optimizers may have asked for it already
+        trainer._load_train_loader()
     trainer.stage = "train"
     # What on_train_start logs counts towards the first epoch, as in Lightning.
-    trainer._results = trainer._train_results = MetricLog(trainer._all_reduce)
+    trainer._results = trainer._train_results = MetricLog(trainer._all_reduce, trainer.device)
     hooks.call(trainer, "on_train_start")
 
 
 def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     """Run epoch ``epoch`` on this rank: its batches, its validations, its epoch-end hooks."""
     trainer.current_epoch, trainer.stage = epoch, "train"
-    results = trainer._results = trainer._train_results or MetricLog(trainer._all_reduce)
+    results = trainer._results = trainer._train_results or MetricLog(
+        trainer._all_reduce, trainer.device
+    )
     trainer._train_results = None
     loader = trainer.train_dataloader
     set_epoch(loader, epoch)
@@ -74,10 +74,6 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
         if not _train_batch(trainer, results, batch, batch_idx, num_batches, val_every):
             break
     trainer._epoch_batches_done = True
-
-    if val_every and batch_idx + 1 == num_batches:
-        _validate_during_fit(trainer)
-        trainer._results = results
     # Callbacks see the epoch's values in on_train_epoch_end; monitoring callbacks also see
     # what the module logged there.
     _merge_metrics(trainer, *results.epoch_metrics())
@@ -124,7 +120,9 @@ def _train_batch(
     _publish_step_metrics(trainer, results, stepped)
     # Lightning stops mid-epoch only once min_epochs epochs have completed.
     stopping = trainer.should_stop and epoch >= trainer.config.min_epochs
-    if val_every and (((batch_idx + 1) % val_every == 0 and not last) or stopping):
+    # Lightning's rule: every val_check_batch batches (the last batch included when the
+    # interval divides the epoch), and once more when stopping early.
+    if val_every and ((batch_idx + 1) % val_every == 0 or stopping):
         _validate_during_fit(trainer)
         trainer._results = results
     if stepped:
@@ -145,6 +143,7 @@ def epoch_summary(trainer: RankTrainer) -> dict[str, Any]:
         "epoch": trainer.current_epoch,
         "global_step": trainer.global_step,
         "should_stop": trainer.should_stop,
+        "num_training_batches": trainer.num_training_batches,
         "callback_metrics": to_floats(trainer.callback_metrics),
         "logged_metrics": to_floats(trainer.logged_metrics),
         "progress_bar_metrics": to_floats(trainer.progress_bar_metrics),
@@ -248,14 +247,6 @@ def _batch_end_outputs(step_output: Any) -> Any:
     return step_output
 
 
-NO_TRAIN_LOADER = (
-    "No `train_dataloader()` method defined. The Trainer expects as minimum a "
-    "`training_step()`, `train_dataloader()` and `configure_optimizers()` to be defined: "
-    "define train_dataloader on the datamodule or module, or pass "
-    "trainer.fit(model, train_dataloaders=...)."
-)
-
-
 def _limited(loader: Any, limit: int | float) -> Any:
     """The loader's first ``limit`` batches, without starting an extra fetch past them."""
     return loader if limit == math.inf else itertools.islice(loader, int(limit))
@@ -309,6 +300,8 @@ def _with_epoch(trainer: RankTrainer, logged: dict[str, torch.Tensor]) -> dict[s
 def _step_schedulers(trainer: RankTrainer, interval: str, count: int, plateau: bool) -> None:
     """Step the ``interval`` schedulers whose ``frequency`` divides ``count`` (Lightning counts
     batches within the epoch for "step", epochs for "epoch", both from 1)."""
+    if not trainer.lightning_module.automatic_optimization:
+        return  # with manual optimization the user steps schedulers, as in Lightning
     for config in trainer.lr_scheduler_configs:
         if config.interval != interval or config.reduce_on_plateau != plateau:
             continue
@@ -379,7 +372,7 @@ def run_evaluation(
     prefix = "validation" if stage == "validate" else "test"
     step_name = "validation_step" if stage == "validate" else "test_step"
     previous_stage, trainer.stage = trainer.stage, stage
-    results = trainer._results = MetricLog(trainer._all_reduce)
+    results = trainer._results = MetricLog(trainer._all_reduce, trainer.device)
     hooks.call_module(trainer, f"on_{prefix}_model_eval")
     grad_context = torch.inference_mode if trainer.config.inference_mode else torch.no_grad
     with grad_context():
@@ -403,6 +396,7 @@ def run_evaluation(
         callback, logged, bar = results.epoch_metrics()
         if not trainer.sanity_checking:
             _merge_metrics(trainer, callback, logged, bar)
+            trainer._validation_has_run = trainer._validation_has_run or stage == "validate"
         hooks.call(trainer, f"on_{prefix}_end", part="before_monitors")
         hooks.call(trainer, f"on_{prefix}_end", part="monitors")
     hooks.call_module(trainer, f"on_{prefix}_model_train")

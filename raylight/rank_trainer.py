@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.parallel.distributed import _find_tensors
 
 from raylight import hooks
-from raylight.config import TrainerConfig
+from raylight.config import NO_TRAIN_LOADER, MisconfigurationException, TrainerConfig
+from raylight.data import request_loaders
 from raylight.logging import MetricLog
 
 _REDUCE_OPS = {
@@ -118,11 +119,12 @@ class RankTrainer:
         self.val_dataloaders: list[Any] = []
         self.test_dataloaders: list[Any] = []
         self.predict_dataloaders: list[Any] = []
-        self.num_training_batches: int | float = 0
+        self.num_training_batches: int | float = -1  # unknown until the train loader exists
         self.num_val_batches: list[int] = []
         self._loader_sources: dict[str, Any] = {}
         self._val_requested = False
         self._fitting = False
+        self._validation_has_run = False  # a real (not sanity) validation ran in this fit
         self._validation_enabled = False
         self.current_epoch = 0
         self.global_step = 0
@@ -201,9 +203,17 @@ class RankTrainer:
 
     @property
     def estimated_stepping_batches(self) -> int | float:
+        if self.train_dataloader is None:  # asked in configure_optimizers: load it now
+            self._load_train_loader()
         per_epoch = max(1, -(-self.num_training_batches // self.accumulate_grad_batches))
         total = per_epoch * self.max_epochs
         return min(total, self.max_steps) if self.max_steps != -1 else total
+
+    def _load_train_loader(self) -> None:
+        loaders, limits = request_loaders(self, "train")
+        if not loaders:
+            raise MisconfigurationException(NO_TRAIN_LOADER)
+        self.train_dataloader, self.num_training_batches = loaders[0], limits[0]
 
     # ---- services for hooks --------------------------------------------------------------
     def _log(self, fx: str | None, name: str, value: Any, **kwargs: Any) -> None:

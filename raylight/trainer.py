@@ -24,7 +24,7 @@ from ray import cloudpickle
 
 from raylight import checkpoint, storage
 from raylight.callbacks import Callback, ModelCheckpoint
-from raylight.config import MisconfigurationException, make_config, make_scaling
+from raylight.config import NO_TRAIN_LOADER, MisconfigurationException, make_config, make_scaling
 from raylight.datamodule import LightningDataModule
 from raylight.group import WorkerGroup
 from raylight.loggers import CSVLogger, Logger
@@ -131,12 +131,14 @@ class Trainer:
         self._ray_address = os.environ.get("RAY_ADDRESS")
         self._ray_init_kwargs = dict(ray_init_kwargs or {})
         self._group: WorkerGroup | None = None
+        self._last_stage: str | None = None
         self._shipped: tuple[Any, Any] | None = None
         self.lightning_module: LightningModule | None = None
         self.datamodule: LightningDataModule | None = None
         self.current_epoch = 0
         self.global_step = 0
         self.should_stop = False
+        self._num_training_batches: int | float = -1  # unknown until fit starts
         self.callback_metrics: dict[str, torch.Tensor] = {}
         self.logged_metrics: dict[str, torch.Tensor] = {}
         self.progress_bar_metrics: dict[str, torch.Tensor] = {}
@@ -240,8 +242,11 @@ class Trainer:
         return merged[0] if len(merged) == 1 else merged
 
     def save_checkpoint(self, filepath: str | os.PathLike, weights_only: bool = False) -> None:
-        if self._group is None:
-            raise RuntimeError("save_checkpoint needs a fitted Trainer: call trainer.fit first.")
+        if self._group is None or not self._group.actors or self._last_stage != "fit":
+            raise RuntimeError(
+                "save_checkpoint needs the workers of a completed trainer.fit: call it after "
+                "fit (and before validate/test/predict, which set the workers up anew)."
+            )
         self._group.run_on_all("save_checkpoint", os.fspath(filepath), weights_only)
 
     def shutdown(self) -> None:
@@ -310,7 +315,7 @@ class Trainer:
                     f"checkpoints yet, here or under {storage.redact(root)}."
                 )
             return path
-        paths = [cb.last_model_path or cb._last_saved for cb in self.checkpoint_callbacks]
+        paths = [cb.last_model_path or cb.best_model_path for cb in self.checkpoint_callbacks]
         path = next((p for p in paths if p), None) or checkpoint.latest_in_index(root)
         if path is None:
             warnings.warn(
@@ -336,7 +341,7 @@ class Trainer:
         with self._logging_run():
             group = self._prepare(model, datamodule, stage, loaders, ckpt_path)
             results = group.run_on_all("evaluate", stage, what=stage)[0]
-            self._absorb(group.run_on_ranks([0], "metrics")[0])
+            self._absorb(group.run_on_ranks([0], "metrics")[0], progress=False)
         if verbose and self.enable_progress_bar:
             _print_results(stage, results)
         return results
@@ -369,6 +374,7 @@ class Trainer:
     ) -> WorkerGroup:
         """Start the workers if needed, then ship this call's objects to them once."""
         self.lightning_module, self.datamodule = model, datamodule
+        self._last_stage = stage
         for callback in self.checkpoint_callbacks:
             # Lightning's default: the logger's version directory, else default_root_dir.
             if callback.dirpath is None:
@@ -396,14 +402,18 @@ class Trainer:
         if self._group is not None and self._group.actors:
             return self._group
         self._connect()
-        group = self.worker_group_cls(self.scaling, self.placement_timeout_s)
+        # Held before it starts, so that shutdown() reaches a half-started group too.
+        group = self._group = self.worker_group_cls(self.scaling, self.placement_timeout_s)
         backend = "nccl" if self.scaling.use_gpu else "gloo"
-        group.start(
-            backend,
-            self.config.process_group_timeout_s,
-            {"OMP_NUM_THREADS": str(self.scaling.cpus_per_worker)},
-        )
-        self._group = group
+        try:
+            group.start(
+                backend,
+                self.config.process_group_timeout_s,
+                {"OMP_NUM_THREADS": str(self.scaling.cpus_per_worker)},
+            )
+        except BaseException:
+            group.shutdown(force=True)
+            raise
         return group
 
     def _connect(self) -> None:
@@ -446,14 +456,18 @@ class Trainer:
         config = self.config
         if config.max_steps != -1 and self.global_step >= config.max_steps:
             return True
-        if epoch >= config.max_epochs:
-            return True
+        if epoch >= config.max_epochs or self._num_training_batches == 0:
+            return True  # Lightning skips fit when there is nothing to train on
         return self.should_stop and epoch >= config.min_epochs
 
-    def _absorb(self, summary: dict[str, Any]) -> None:
-        self.current_epoch = summary["epoch"]
-        self.global_step = summary["global_step"]
-        self.should_stop = summary["should_stop"]
+    def _absorb(self, summary: dict[str, Any], progress: bool = True) -> None:
+        """Take in a rank-0 summary; ``progress`` is False for validate/test, which leave the
+        fit's epoch and step as they are."""
+        if progress:
+            self.current_epoch = summary["epoch"]
+            self.global_step = summary["global_step"]
+            self.should_stop = summary["should_stop"]
+            self._num_training_batches = summary["num_training_batches"]
         for name in ("callback_metrics", "logged_metrics", "progress_bar_metrics"):
             setattr(self, name, {k: torch.tensor(v) for k, v in summary[name].items()})
         for step, row in summary["log_rows"]:
@@ -497,12 +511,7 @@ def _check_fit_inputs(model: Any, train_dataloaders: Any, datamodule: Any) -> No
         or type(model).train_dataloader is not LightningModule.train_dataloader
     )
     if not has_loader:
-        raise MisconfigurationException(
-            "No `train_dataloader()` method defined. The Trainer expects as minimum a "
-            "`training_step()`, `train_dataloader()` and `configure_optimizers()` to be defined: "
-            "define train_dataloader on the datamodule or module, or pass "
-            "trainer.fit(model, train_dataloaders=...)."
-        )
+        raise MisconfigurationException(NO_TRAIN_LOADER)
 
 
 def _add_default_checkpoint(callbacks: list[Callback], enabled: bool) -> None:

@@ -154,6 +154,7 @@ class Worker:
         trainer = self.trainer = RankTrainer(
             config, info["RANK"], info["LOCAL_RANK"], info["NODE_RANK"], info["WORLD_SIZE"], device
         )
+        trainer._loader_sources = job["loaders"]
         module: LightningModule = job["module"]
         trainer.lightning_module, trainer.datamodule = module, job["datamodule"]
         self._user_callbacks = list(job["callbacks"])
@@ -179,7 +180,6 @@ class Worker:
             self._configure_optimizers(trainer)
         if job.get("ckpt_path"):
             checkpoint.restore(trainer, job["ckpt_path"], stage)
-        trainer._loader_sources = job["loaders"]
 
     def _prepare_data(self, trainer: RankTrainer) -> None:
         # Once per node (or once per cluster when prepare_data_per_node is False).

@@ -87,3 +87,15 @@ def test_unlogged_monitor_gives_lightnings_message(ray_session, tmp_path):
         MisconfigurationException, match=r"could not find the monitored key.*val_loss"
     ):
         trainer.fit(Classifier(), loader(), loader())
+
+
+@pytest.mark.slow
+def test_a_fixed_filename_is_replaced_by_each_improvement(ray_session, tmp_path):
+    callback = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="score")
+    trainer = pl.Trainer(
+        num_workers=2, max_epochs=4, callbacks=[callback], logger=False, enable_progress_bar=False
+    )
+    trainer.fit(ScriptedScore(), loader(), loader())
+    assert _names(tmp_path) == ["best.ckpt"]
+    assert callback.best_model_score == 0.0
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 3

@@ -485,3 +485,39 @@ def test_on_exception_runs_on_the_failing_rank(ray_session, tmp_path):
     with pytest.raises(KeyError):
         _trainer(max_epochs=1, callbacks=[RecordsException(str(tmp_path))]).fit(Raises(), loader())
     assert {"error": "KeyError"} in _records(tmp_path)
+
+
+class OneCycle(Classifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        total = self.trainer.estimated_stepping_batches
+        self.total_steps = float(total)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_train_start(self):
+        self.log("total_steps", self.total_steps)
+
+
+def test_estimated_stepping_batches_in_configure_optimizers(ray_session):
+    trainer = _trainer(max_epochs=2)
+    trainer.fit(OneCycle(), loader())  # OneCycleLR raises if stepped past total_steps
+    assert trainer.callback_metrics["total_steps"].item() == 8.0
+    assert trainer.global_step == 8
+
+
+def test_no_training_batches_skips_fit_and_eval_keeps_progress(ray_session):
+    empty = _trainer(max_epochs=5, limit_train_batches=0)
+    empty.fit(Classifier(), loader())
+    assert empty.global_step == 0 and empty.current_epoch == 0
+
+    trainer = _trainer(max_epochs=1)
+    model = Classifier()
+    trainer.fit(model, loader())
+    trainer.test(model, loader())
+    assert trainer.global_step == 4 and trainer.current_epoch == 1  # test leaves them alone
+    with pytest.raises(RuntimeError, match="completed trainer.fit"):
+        trainer.save_checkpoint("unused.ckpt")

@@ -9,9 +9,11 @@ Rank 0 writes the file; the driver's copy of this callback carries rank 0's stat
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
+import warnings
 from typing import Any
 
 from raylight import checkpoint, storage
@@ -85,8 +87,7 @@ class ModelCheckpoint(Callback):
         self.best_model_path = ""
         self.last_model_path = ""
         self.current_score: float | None = None
-        self._last_saved = ""
-        self._last_global_step_saved = -1
+        self._last_global_step_saved = 0  # nothing to save before the first optimizer step
 
     @property
     def state_key(self) -> str:
@@ -165,11 +166,20 @@ class ModelCheckpoint(Callback):
         if self.save_top_k == 0:
             return {"filepath": None, "score": None, "remove": []}
         if self.monitor is None:
-            filepath = self._new_path(trainer, metrics)
-            stale = (
-                self._last_saved if self.save_top_k == 1 and self._last_saved != filepath else ""
-            )
+            previous = self.best_model_path if self.save_top_k == 1 else ""
+            filepath = self._new_path(trainer, metrics, replacing=previous)
+            stale = previous if previous and previous != filepath else ""
             return {"filepath": filepath, "score": None, "remove": [stale] if stale else []}
+        if self.monitor not in metrics and not trainer._validation_has_run:
+            # Lightning: before any validation the metric may simply not exist yet.
+            warnings.warn(
+                f"ModelCheckpoint(monitor={self.monitor!r}) could not find the monitored key in "
+                f"the returned metrics: {sorted(metrics)}; no checkpoint saved at step "
+                f"{trainer.global_step}.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return {"filepath": None, "score": None, "remove": []}
         if self.monitor not in metrics:
             raise MisconfigurationException(
                 f"`ModelCheckpoint(monitor={self.monitor!r})` could not find the monitored key "
@@ -177,30 +187,29 @@ class ModelCheckpoint(Callback):
                 f"`log({self.monitor!r}, value)` in the `LightningModule`?"
             )
         score = metrics[self.monitor]
+        if math.isnan(score):  # Lightning ranks NaN last
+            score = math.inf if self.mode == "min" else -math.inf
         if not self._better_than_kth(score):
             return {"filepath": None, "score": score, "remove": []}
-        filepath = self._new_path(trainer, metrics)
         remove = []
         if self.save_top_k != -1 and len(self.best_k_models) >= self.save_top_k:
             remove = [self.kth_best_model_path]
+        filepath = self._new_path(trainer, metrics, replacing=remove[0] if remove else "")
         return {"filepath": filepath, "score": score, "remove": remove}
 
     def _better_than_kth(self, score: float) -> bool:
         if self.save_top_k == -1 or len(self.best_k_models) < self.save_top_k:
             return True
-        if score != score:  # NaN never enters the top k
-            return False
         return score < self.kth_value if self.mode == "min" else score > self.kth_value
 
     def _record(self, filepath: str, score: float | None, remove: list[str], trainer: Any) -> None:
         self.current_score = score
-        self._last_saved = filepath
         if score is None:
             self.best_model_path = filepath
         else:
-            self.best_k_models[filepath] = score
             for path in remove:
                 self.best_k_models.pop(path, None)
+            self.best_k_models[filepath] = score
             worst = max if self.mode == "min" else min
             best = min if self.mode == "min" else max
             self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.get)
@@ -243,12 +252,13 @@ class ModelCheckpoint(Callback):
             metrics.setdefault(name, 0)
         return filename.format(metrics)
 
-    def _new_path(self, trainer: Any, metrics: dict[str, float]) -> str:
+    def _new_path(self, trainer: Any, metrics: dict[str, float], replacing: str = "") -> str:
+        """A fresh name, ``-vN`` suffixed if taken, unless it is the file this save replaces."""
         metrics = {**metrics, "epoch": trainer.current_epoch, "step": trainer.global_step}
         name = self.format_checkpoint_name(metrics)
         path = storage.join(self.dirpath, name + self.FILE_EXTENSION)
         version = 1
-        while self._enable_version_counter and path != self._last_saved and storage.exists(path):
+        while self._enable_version_counter and path != replacing and storage.exists(path):
             path = storage.join(self.dirpath, f"{name}-v{version}{self.FILE_EXTENSION}")
             version += 1
         return path
