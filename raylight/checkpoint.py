@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from raylight import hooks, storage
+from raylight.rank_trainer import capture_rng
 
 LIGHTNING_VERSION = "2.6.0"  # the format version pytorch-lightning readers check
 RAYLIGHT_VERSION = "0.1.0"
@@ -29,9 +30,13 @@ def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
         "pytorch-lightning_version": LIGHTNING_VERSION,
         "raylight_version": RAYLIGHT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        # Where to resume: raylight's own position, exact to the batch.
         "raylight": {
             "next_epoch": trainer.current_epoch + int(trainer._epoch_batches_done),
+            "batches_done": 0 if trainer._epoch_batches_done else trainer._batches_done_at_step,
             "batches_that_stepped": trainer._batches_that_stepped,
+            "world_size": trainer.world_size,
+            "rng_states": _gather_rng(trainer),
         },
     }
     if not weights_only:
@@ -50,6 +55,16 @@ def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
     if trainer.datamodule is not None:
         checkpoint[type(trainer.datamodule).__qualname__] = trainer.datamodule.state_dict()
     return checkpoint
+
+
+def _gather_rng(trainer: Any) -> list[dict[str, Any]]:
+    """Every rank's generator states (a collective: all ranks build every checkpoint)."""
+    states = capture_rng()
+    if trainer.world_size == 1 or not dist.is_initialized():
+        return [states]
+    gathered: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(gathered, states)
+    return gathered
 
 
 def save(checkpoint: dict[str, Any], filepath: str) -> None:
@@ -115,6 +130,10 @@ def restore(trainer: Any, filepath: str, stage: str) -> None:
         scaler.load_state_dict(checkpoint["MixedPrecision"])
     trainer.global_step = checkpoint["global_step"]
     trainer.current_epoch = position.get("next_epoch", checkpoint["epoch"] + 1)
+    trainer._resume_batches = position.get("batches_done", 0)
+    rng_states = position.get("rng_states") or []
+    if len(rng_states) == trainer.world_size:  # exact only at the same world size
+        trainer._resume_rng = rng_states[trainer.global_rank]
     trainer._batches_that_stepped = position.get("batches_that_stepped", checkpoint["global_step"])
 
 

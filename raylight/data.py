@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -103,6 +104,32 @@ def limit_batches(loader: Any, limit: int | float, name: str) -> int:
             f"{name}={limit} selects 0 of {available} batches: use a larger fraction or an int."
         )
     return batches
+
+
+class _SkipBatches:
+    """A batch sampler without its first ``skip`` batches: indices are drawn, no data loaded."""
+
+    def __init__(self, batch_sampler: Any, skip: int) -> None:
+        self.batch_sampler, self.skip = batch_sampler, skip
+        self.sampler = getattr(batch_sampler, "sampler", None)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)
+
+
+def skip_batches(loader: Any, skip: int) -> Any:
+    """``loader`` starting at batch ``skip`` of its (already seeded) epoch order."""
+    if not skip:
+        return loader
+    if isinstance(loader, DataLoader) and loader.batch_sampler is not None:
+        resumed = copy.copy(loader)
+        object.__setattr__(resumed, "batch_sampler", _SkipBatches(loader.batch_sampler, skip))
+        object.__setattr__(resumed, "_iterator", None)
+        return resumed
+    return itertools.islice(loader, skip, None)  # no batch sampler: read and drop
 
 
 def set_epoch(loader: Any, epoch: int) -> None:

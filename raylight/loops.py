@@ -17,10 +17,10 @@ import torch
 
 from raylight import hooks
 from raylight.config import MisconfigurationException
-from raylight.data import has_source, is_overridden, request_loaders, set_epoch
+from raylight.data import has_source, is_overridden, request_loaders, set_epoch, skip_batches
 from raylight.logging import MetricLog, to_floats
 from raylight.module import LightningModule, move_data_to_device
-from raylight.rank_trainer import RankTrainer
+from raylight.rank_trainer import RankTrainer, restore_rng
 
 
 # ---- fit ----------------------------------------------------------------------------------
@@ -66,14 +66,27 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     set_epoch(loader, epoch)
     num_batches = trainer.num_training_batches
     val_every = _val_check_batches(trainer)
-
+    # Resuming mid-epoch (beyond Lightning, which replays or skips batches): the sampler
+    # order of this epoch is fixed by (seed, epoch), so skipping the batches the checkpoint
+    # had finished continues with exactly the next one. on_train_epoch_start already ran.
+    skip, trainer._resume_batches = trainer._resume_batches, 0
     trainer._epoch_batches_done = False
-    hooks.call(trainer, "on_train_epoch_start")
-    batch_idx = -1
-    for batch_idx, batch in enumerate(_limited(loader, num_batches)):
+    trainer._batches_done_at_step = skip
+    if not skip:
+        hooks.call(trainer, "on_train_epoch_start")
+    # Creating the iterator draws from the torch generator. A mid-epoch checkpoint's states
+    # were taken after that draw, so they are restored after it; an epoch-end one before.
+    resume_rng, trainer._resume_rng = trainer._resume_rng, None
+    if resume_rng is not None and not skip:
+        restore_rng(resume_rng)
+    batches = iter(_limited(skip_batches(loader, skip), num_batches - skip))
+    if resume_rng is not None and skip:
+        restore_rng(resume_rng)
+    batch_idx = skip - 1
+    for batch_idx, batch in enumerate(batches, start=skip):
         if not _train_batch(trainer, results, batch, batch_idx, num_batches, val_every):
             break
-    trainer._epoch_batches_done = True
+    trainer._epoch_batches_done = batch_idx + 1 == num_batches
     # Callbacks see the epoch's values in on_train_epoch_end; monitoring callbacks also see
     # what the module logged there.
     _merge_metrics(trainer, *results.epoch_metrics())
@@ -108,6 +121,8 @@ def _train_batch(
     else:
         outputs = _manual_step(trainer, batch, batch_idx)
     stepped = trainer.global_step > stepped_before
+    if stepped:
+        trainer._batches_done_at_step = batch_idx + 1  # a checkpoint resumes after this batch
     last = batch_idx + 1 == num_batches
     # Lightning steps schedulers before on_train_batch_end; epoch-interval ones on the
     # epoch's last batch, before its validation; plateau ones once their metric exists.

@@ -8,9 +8,11 @@ and the few services hooks call back into: ``log``, ``manual_backward``,
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -131,6 +133,9 @@ class RankTrainer:
         self._batches_that_stepped = 0
         self.should_stop = False
         self._epoch_batches_done = False  # the current epoch ran all of its batches
+        self._batches_done_at_step = 0  # batches of this epoch up to its latest optimizer step
+        self._resume_batches = 0  # batches of the first epoch a mid-epoch checkpoint finished
+        self._resume_rng: Any = None  # this rank's generator states from that checkpoint
         self.stage: str | None = None
         self.sanity_checking = False
         self.callback_metrics: dict[str, torch.Tensor] = {}
@@ -291,3 +296,24 @@ class RankTrainer:
         from raylight.checkpoint import save_from_rank
 
         save_from_rank(self, filepath, weights_only)
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's generator states, as checkpoint-safe values (no numpy objects)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    python_state = states["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

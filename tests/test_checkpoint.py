@@ -154,3 +154,57 @@ def test_best_and_last_in_the_same_process(ray_session, tmp_path):
             pl.Trainer(default_root_dir=tmp_path / "empty")._resolve_ckpt_path("last", "fit")
             is None
         )
+
+
+class WithDropout(Classifier):
+    """Dropout makes the generator states part of what a resume must restore."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3)
+        )
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+@pytest.mark.parametrize(
+    ("accumulate", "resume_from"),
+    [
+        (1, "epoch=0-step=3.ckpt"),
+        (1, "epoch=1-step=6.ckpt"),
+        (1, "epoch=0-step=4.ckpt"),
+        (2, "epoch=0-step=1.ckpt"),
+    ],
+)
+def test_resume_mid_epoch_is_exact(ray_session, tmp_path, accumulate, resume_from):
+    from raylight.callbacks import ModelCheckpoint
+
+    torch.manual_seed(5)
+    straight = WithDropout()
+    initial = {k: v.clone() for k, v in straight.state_dict().items()}
+    every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    common = dict(
+        num_workers=2,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        accumulate_grad_batches=accumulate,
+    )
+    pl.seed_everything(7)
+    pl.Trainer(callbacks=[every], **common).fit(straight, loader(shuffle=True))
+
+    resumed = WithDropout()
+    resumed.load_state_dict(initial)
+    pl.seed_everything(7)
+    trainer = pl.Trainer(enable_checkpointing=False, **common)
+    trainer.fit(resumed, loader(shuffle=True), ckpt_path=tmp_path / resume_from)
+    assert trainer.global_step == 8 // accumulate
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
