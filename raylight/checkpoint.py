@@ -8,15 +8,18 @@ lives under the ``raylight`` key.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from raylight import hooks, storage
-from raylight.rank_trainer import capture_rng
+from raylight.seed import capture_rng
 
 LIGHTNING_VERSION = "2.6.0"  # the format version pytorch-lightning readers check
 RAYLIGHT_VERSION = "0.1.0"
@@ -75,13 +78,68 @@ def save(checkpoint: dict[str, Any], filepath: str) -> None:
     storage.write_bytes(filepath, buffer.getvalue())
 
 
-def save_from_rank(trainer: Any, filepath: str, weights_only: bool = False) -> None:
-    """Every rank builds (hooks may run collectives); rank 0 writes; all wait for it."""
+def save_from_rank(
+    trainer: Any,
+    filepath: str,
+    weights_only: bool = False,
+    on_commit: Callable[[], None] | None = None,
+) -> None:
+    """Every rank builds (hooks may run collectives); rank 0 serializes and hands the bytes
+    to its background writer, so the loop stalls only for the copy, not for the upload.
+    ``on_commit`` runs once the file is complete in storage."""
     checkpoint = build(trainer, weights_only)
     if trainer.is_global_zero:
-        save(checkpoint, filepath)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # the copy: training may change the tensors after this
+        trainer._writer.submit(filepath, buffer.getvalue(), on_commit)
     if dist.is_initialized():
         dist.barrier()
+
+
+class AsyncWriter:
+    """Uploads checkpoints one at a time off the training loop, with retries.
+
+    A failed upload is retried, then reported at the next save or at ``wait`` (the end of
+    fit), naming the file. Uploads stay in submission order, so the index follows commits.
+    """
+
+    def __init__(self, attempts: int = 3, backoff_s: float = 1.0) -> None:
+        self._attempts, self._backoff_s = attempts, backoff_s
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "raylight-checkpoint")
+        self._pending: list[concurrent.futures.Future[None]] = []
+
+    def submit(self, location: str, data: bytes, on_commit: Callable[[], None] | None) -> None:
+        self._raise_failures(wait_s=0)
+        self._pending.append(self._executor.submit(self._write, location, data, on_commit))
+
+    def wait(self, timeout_s: float = 600.0) -> None:
+        """Block until every upload is committed; raise the first failure."""
+        self._raise_failures(wait_s=timeout_s)
+
+    def _write(self, location: str, data: bytes, on_commit: Callable[[], None] | None) -> None:
+        for attempt in range(self._attempts):
+            try:
+                storage.write_bytes(location, data)
+                break
+            except OSError as error:
+                if attempt + 1 == self._attempts:
+                    raise OSError(
+                        f"checkpoint upload to {storage.redact(location)} failed after "
+                        f"{self._attempts} attempts: {error}"
+                    ) from error
+                time.sleep(self._backoff_s * 2**attempt)
+        if on_commit is not None:
+            on_commit()
+
+    def _raise_failures(self, wait_s: float) -> None:
+        done, not_done = concurrent.futures.wait(self._pending, timeout=wait_s)
+        if wait_s and not_done:
+            raise TimeoutError(
+                f"{len(not_done)} checkpoint upload(s) did not finish within {wait_s:.0f} s."
+            )
+        self._pending = list(not_done)
+        for future in done:
+            future.result()  # re-raises the upload's error here, on the training thread
 
 
 def load(filepath: str) -> dict[str, Any]:

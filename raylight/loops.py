@@ -20,7 +20,8 @@ from raylight.config import MisconfigurationException
 from raylight.data import has_source, is_overridden, request_loaders, set_epoch, skip_batches
 from raylight.logging import MetricLog, to_floats
 from raylight.module import LightningModule, move_data_to_device
-from raylight.rank_trainer import RankTrainer, restore_rng
+from raylight.rank_trainer import RankTrainer
+from raylight.seed import restore_rng
 
 
 # ---- fit ----------------------------------------------------------------------------------

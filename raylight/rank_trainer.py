@@ -8,17 +8,16 @@ and the few services hooks call back into: ``log``, ``manual_backward``,
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.parallel.distributed import _find_tensors
 
 from raylight import hooks
+from raylight.checkpoint import AsyncWriter, save_from_rank
 from raylight.config import NO_TRAIN_LOADER, MisconfigurationException, TrainerConfig
 from raylight.data import request_loaders
 from raylight.logging import MetricLog
@@ -145,6 +144,7 @@ class RankTrainer:
         self._train_results: MetricLog | None = None  # opened by on_train_start's logs
         self._log_rows: list[tuple[int, dict[str, float]]] = []
         self._current_hook: str | None = None
+        self._writer = AsyncWriter()  # rank 0's checkpoint uploads
         self._hook_targets: dict[tuple[str, str], list[Any]] = {}  # see hooks._targets
         self._batch_hook_owners: dict[str, bool] = {}  # see loops._transfer_hook
         self._batch_idx: int | None = None
@@ -292,28 +292,8 @@ class RankTrainer:
     def _on_optimizer_stepped(self) -> None:
         self.global_step += 1
 
-    def save_checkpoint(self, filepath: str, weights_only: bool = False) -> None:
-        from raylight.checkpoint import save_from_rank
-
+    def save_checkpoint(
+        self, filepath: str, weights_only: bool = False, storage_options: Any = None
+    ) -> None:
+        """Lightning's ``trainer.save_checkpoint``, callable from any hook on every rank."""
         save_from_rank(self, filepath, weights_only)
-
-
-def capture_rng() -> dict[str, Any]:
-    """This process's generator states, as checkpoint-safe values (no numpy objects)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng(states: dict[str, Any]) -> None:
-    python_state = states["python"]
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])

@@ -229,6 +229,7 @@ class Worker:
         trainer = self.trainer
         loops.fit_end(trainer)
         _call_teardown(trainer, "fit")
+        trainer._writer.wait()  # fit ends once every checkpoint is committed
         if not trainer.is_global_zero:
             return None
         return {
@@ -269,6 +270,7 @@ class Worker:
     @_with_rank_context
     def save_checkpoint(self, filepath: str, weights_only: bool) -> None:
         self.trainer.save_checkpoint(filepath, weights_only)
+        self.trainer._writer.wait()  # the driver's call returns once the file exists
 
 
 # ---- helpers ---------------------------------------------------------------------------------

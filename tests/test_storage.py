@@ -80,3 +80,51 @@ def test_unreachable_storage_fails_fast_without_leaking_credentials():
     assert time.monotonic() - started < 60
     assert "secret" not in str(info.value)
     assert trainer._group is None  # checked on the driver before any worker started
+
+
+def test_async_writer_retries_commits_in_order_and_reports_failures(tmp_path, monkeypatch):
+    writer = checkpoint.AsyncWriter(attempts=3, backoff_s=0.01)
+    real_write = storage.write_bytes
+    failures = {"flaky.bin": 2, "broken.bin": 99}
+    committed = []
+
+    def flaky_write(location, data):
+        name = location.rsplit("/", 1)[-1]
+        if failures.get(name, 0) > 0:
+            failures[name] -= 1
+            raise OSError("connection reset")
+        real_write(location, data)
+
+    monkeypatch.setattr(storage, "write_bytes", flaky_write)
+    writer.submit(str(tmp_path / "flaky.bin"), b"a", lambda: committed.append("flaky"))
+    writer.submit(str(tmp_path / "ok.bin"), b"b", lambda: committed.append("ok"))
+    writer.wait()
+    assert committed == ["flaky", "ok"]  # retried twice, then committed, in order
+    assert (tmp_path / "flaky.bin").read_bytes() == b"a"
+
+    writer.submit(str(tmp_path / "broken.bin"), b"c", lambda: committed.append("broken"))
+    with pytest.raises(OSError, match=r"broken\.bin failed after 3 attempts"):
+        writer.wait()
+    assert "broken" not in committed and not (tmp_path / "broken.bin").exists()
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from raylight import storage
+os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # die before publishing
+storage.write_bytes(sys.argv[1], b"new checkpoint, never published")
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    path = tmp_path / "last.ckpt"
+    checkpoint.save({"global_step": 7, "state_dict": {"w": torch.ones(2)}}, str(path))
+    result = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path)], timeout=60)
+    assert result.returncode == -9  # the writer really died mid-write
+    assert checkpoint.load(str(path))["global_step"] == 7  # the old file is whole and loads
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt"]  # no partial one

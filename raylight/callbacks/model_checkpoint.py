@@ -143,22 +143,48 @@ class ModelCheckpoint(Callback):
             return
         filepath, score, remove = decision["filepath"], decision["score"], decision["remove"]
         if filepath is not None:
-            trainer.save_checkpoint(filepath, self.save_weights_only)
-            self._record(filepath, score, remove, trainer)
+            self._record(filepath, score, remove)
+            commit = self._committer(trainer, filepath, score, remove)
+            checkpoint.save_from_rank(trainer, filepath, self.save_weights_only, commit)
         if self.save_last:
             last = self._last_path(trainer)
-            trainer.save_checkpoint(last, self.save_weights_only)
             self.last_model_path = last
-            if trainer.is_global_zero:
-                entry = {
-                    "path": last,
-                    "epoch": trainer.current_epoch,
-                    "global_step": trainer.global_step,
-                    "monitor": None,
-                    "score": None,
-                    "time": time.time(),
-                }
-                checkpoint.update_index(trainer.default_root_dir, entry, [])
+            commit = self._committer(trainer, last, None, [], monitor=None)
+            checkpoint.save_from_rank(trainer, last, self.save_weights_only, commit)
+
+    def _committer(
+        self,
+        trainer: Any,
+        filepath: str,
+        score: float | None,
+        remove: list[str],
+        monitor: Any = ...,
+    ) -> Any:
+        """What rank 0 does once ``filepath`` is complete in storage: drop the checkpoints
+        that fell out of the top k, then record the new one in the run's index."""
+        if not trainer.is_global_zero:
+            return None
+        entry = {
+            "path": filepath,
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "monitor": self.monitor if monitor is ... else monitor,
+            "score": score,
+            "time": time.time(),
+        }
+        root, verbose = trainer.default_root_dir, self.verbose
+
+        def commit() -> None:
+            for path in remove:
+                if path and path != filepath:
+                    storage.delete(path)
+            checkpoint.update_index(root, entry, remove)
+            if verbose:
+                print(
+                    f"Epoch {entry['epoch']}, global step {entry['global_step']}: saved {filepath}"
+                )
+
+        return commit
 
     def _decide(self, trainer: Any) -> dict[str, Any] | None:
         """Rank 0: where to save now (or None), the score, and what falls out of the top k."""
@@ -202,37 +228,21 @@ class ModelCheckpoint(Callback):
             return True
         return score < self.kth_value if self.mode == "min" else score > self.kth_value
 
-    def _record(self, filepath: str, score: float | None, remove: list[str], trainer: Any) -> None:
+    def _record(self, filepath: str, score: float | None, remove: list[str]) -> None:
+        """The top-k bookkeeping, the same on every rank."""
         self.current_score = score
         if score is None:
             self.best_model_path = filepath
-        else:
-            for path in remove:
-                self.best_k_models.pop(path, None)
-            self.best_k_models[filepath] = score
-            worst = max if self.mode == "min" else min
-            best = min if self.mode == "min" else max
-            self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.get)
-            self.kth_value = self.best_k_models[self.kth_best_model_path]
-            self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
-            self.best_model_score = self.best_k_models[self.best_model_path]
-        if trainer.is_global_zero:
-            for path in remove:
-                if path and path != filepath:
-                    storage.delete(path)
-            entry = {
-                "path": filepath,
-                "epoch": trainer.current_epoch,
-                "global_step": trainer.global_step,
-                "monitor": self.monitor,
-                "score": score,
-                "time": time.time(),
-            }
-            checkpoint.update_index(trainer.default_root_dir, entry, remove)
-            if self.verbose:
-                print(
-                    f"Epoch {trainer.current_epoch}, global step {trainer.global_step}: saved {filepath}"
-                )
+            return
+        for path in remove:
+            self.best_k_models.pop(path, None)
+        self.best_k_models[filepath] = score
+        worst = max if self.mode == "min" else min
+        best = min if self.mode == "min" else max
+        self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.get)
+        self.kth_value = self.best_k_models[self.kth_best_model_path]
+        self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
+        self.best_model_score = self.best_k_models[self.best_model_path]
 
     # ---- names --------------------------------------------------------------------------------
     def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None) -> str:
