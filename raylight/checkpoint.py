@@ -112,6 +112,10 @@ class AsyncWriter:
         self._raise_failures(wait_s=0)
         self._pending.append(self._executor.submit(self._write, location, data, on_commit))
 
+    def after(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on the writer thread once every earlier upload has committed."""
+        self._pending.append(self._executor.submit(action))
+
     def wait(self, timeout_s: float = 600.0) -> None:
         """Block until every upload is committed; raise the first failure."""
         self._raise_failures(wait_s=timeout_s)
@@ -155,13 +159,27 @@ def load(filepath: str) -> dict[str, Any]:
         ) from error
 
 
+def load_weights(module: Any, state_dict: dict[str, Any], filepath: str, strict: bool) -> None:
+    """``load_state_dict`` with an error that says which checkpoint and what to do."""
+    try:
+        module.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as error:
+        ours, theirs = set(module.state_dict()), set(state_dict)
+        raise RuntimeError(
+            f"Checkpoint at {storage.redact(filepath)} does not fit {type(module).__name__}: "
+            f"missing keys {sorted(ours - theirs)[:10]}, unexpected keys "
+            f"{sorted(theirs - ours)[:10]} ({error}). It is from another model; set "
+            "`self.strict_loading = False` on the module to load only what matches."
+        ) from error
+
+
 def restore(trainer: Any, filepath: str, stage: str) -> None:
     """Lightning's order: weights, ``on_load_checkpoint``, callbacks, optimizers, progress."""
     checkpoint = load(filepath)
     module = trainer.lightning_module
     # Lightning's order: the module's hook may rewrite the checkpoint before the weights load.
     hooks.call_module(trainer, "on_load_checkpoint", checkpoint)
-    module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
+    load_weights(module, checkpoint["state_dict"], filepath, module.strict_loading)
     datamodule = trainer.datamodule
     if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
         datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])

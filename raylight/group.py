@@ -128,8 +128,12 @@ class WorkerGroup:
         return pg
 
     def _order_ranks(self, actors: list[Any], infos: list[dict[str, Any]]) -> None:
-        """Ranks go by node (in order of first appearance), then by GPU id."""
+        """Ranks go by node, then by GPU id. The driver's node comes first when it hosts
+        workers, so rank 0, which writes checkpoints and logs, shares the driver's disk."""
         node_order: dict[str, int] = {}
+        driver_node = ray.get_runtime_context().get_node_id()
+        if any(info["node_id"] == driver_node for info in infos):
+            node_order[driver_node] = 0
         for info in infos:
             node_order.setdefault(info["node_id"], len(node_order))
         order = sorted(

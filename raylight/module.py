@@ -171,8 +171,11 @@ class LightningModule(nn.Module):
         hparams = {**loaded.get("hyper_parameters", {}), **kwargs}
         model = cls(**hparams)
         model.on_load_checkpoint(loaded)
-        model.load_state_dict(
-            loaded["state_dict"], strict=model.strict_loading if strict is None else strict
+        checkpoint_format.load_weights(
+            model,
+            loaded["state_dict"],
+            os.fspath(checkpoint_path),
+            model.strict_loading if strict is None else strict,
         )
         if map_location is not None:
             model.to(map_location)

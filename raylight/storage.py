@@ -133,3 +133,15 @@ def list_names(location: str, directories: bool = False) -> list[str]:
     except OSError as error:
         raise _unreachable(location, error) from error
     return sorted(info.base_name for info in infos if info.type == wanted)
+
+
+def link(target: str, location: str) -> None:
+    """Make ``location`` name the same checkpoint as ``target``: a relative symlink, swapped in
+    atomically, on local storage; a copy on object stores, which have no links."""
+    if not is_uri(location):
+        path = _local(location)
+        temporary = f"{path}.link-{uuid.uuid4().hex}"
+        os.symlink(os.path.relpath(_local(target), os.path.dirname(path) or "."), temporary)
+        os.replace(temporary, path)
+        return
+    write_bytes(location, read_bytes(target))

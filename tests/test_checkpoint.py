@@ -208,3 +208,25 @@ def test_resume_mid_epoch_is_exact(ray_session, tmp_path, accumulate, resume_fro
     assert trainer.global_step == 8 // accumulate
     for name, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+class Wider(Classifier):
+    def __init__(self, strict: bool = True) -> None:
+        super().__init__()
+        self.extra = torch.nn.Linear(3, 3)
+        self.strict_loading = strict
+
+
+def test_checkpoint_of_another_model_names_the_keys(tmp_path):
+    from raylight import checkpoint
+
+    path = str(tmp_path / "small.ckpt")
+    checkpoint.save({"state_dict": Classifier().state_dict(), "hyper_parameters": {}}, path)
+    with pytest.raises(
+        RuntimeError, match=r"does not fit Wider: missing keys \['extra.bias', 'extra.weight'\]"
+    ):
+        Wider.load_from_checkpoint(path)
+    loose = Wider.load_from_checkpoint(path, strict=False)
+    assert torch.equal(
+        loose.layer[0].weight, torch.load(path, weights_only=True)["state_dict"]["layer.0.weight"]
+    )

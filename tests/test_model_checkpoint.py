@@ -99,3 +99,27 @@ def test_a_fixed_filename_is_replaced_by_each_improvement(ray_session, tmp_path)
     assert _names(tmp_path) == ["best.ckpt"]
     assert callback.best_model_score == 0.0
     assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_save_last_link_and_train_time_interval(ray_session, tmp_path):
+    import datetime
+
+    linked = ModelCheckpoint(dirpath=tmp_path / "linked", monitor="score", save_last="link")
+    timed = ModelCheckpoint(
+        dirpath=tmp_path / "timed", save_top_k=-1, train_time_interval=datetime.timedelta(seconds=0)
+    )
+    trainer = pl.Trainer(
+        num_workers=2,
+        max_epochs=4,
+        callbacks=[linked, timed],
+        logger=False,
+        enable_progress_bar=False,
+        limit_train_batches=2,
+    )
+    trainer.fit(ScriptedScore(), loader(), loader())
+    last = tmp_path / "linked" / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == "epoch=3-step=8.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    # An interval of zero is due after every batch: one checkpoint per optimizer step.
+    assert len(_names(tmp_path / "timed")) == 8

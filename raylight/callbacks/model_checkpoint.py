@@ -58,10 +58,9 @@ class ModelCheckpoint(Callback):
                 "configuration. No quantity for top_k to track: set monitor=..., or "
                 "save_top_k=-1 to keep every checkpoint."
             )
-        if train_time_interval is not None:
+        if save_last not in (None, True, False, "link"):
             raise MisconfigurationException(
-                "ModelCheckpoint(train_time_interval=...) is not supported yet: use "
-                "every_n_train_steps or every_n_epochs."
+                f"ModelCheckpoint(save_last={save_last!r}): use True, False, None or 'link'."
             )
         if every_n_train_steps is not None and every_n_train_steps < 0:
             raise MisconfigurationException("every_n_train_steps must be >= 0.")
@@ -75,8 +74,11 @@ class ModelCheckpoint(Callback):
         self.mode = mode
         self.auto_insert_metric_name = auto_insert_metric_name
         self._every_n_train_steps = every_n_train_steps or 0
+        self._train_time_interval = train_time_interval  # a datetime.timedelta
+        self._last_time_saved = 0.0
+        by_steps_or_time = every_n_train_steps or train_time_interval is not None
         self._every_n_epochs = (
-            every_n_epochs if every_n_epochs is not None else (0 if every_n_train_steps else 1)
+            every_n_epochs if every_n_epochs is not None else (0 if by_steps_or_time else 1)
         )
         self._save_on_train_epoch_end = save_on_train_epoch_end
         self._enable_version_counter = enable_version_counter
@@ -96,16 +98,26 @@ class ModelCheckpoint(Callback):
             mode=self.mode,
             every_n_train_steps=self._every_n_train_steps,
             every_n_epochs=self._every_n_epochs,
-            train_time_interval=None,
+            train_time_interval=self._train_time_interval,
         )
 
     # ---- when to save -------------------------------------------------------------------------
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._last_time_saved = time.monotonic()
+
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         every = self._every_n_train_steps
-        if every and trainer.global_step % every == 0 and not trainer.sanity_checking:
+        if every and trainer.global_step % every == 0:
             self._save(trainer)
+        if self._train_time_interval is not None:
+            # Clocks differ per rank: rank 0's decides (a broadcast per batch, as in Lightning).
+            interval = self._train_time_interval.total_seconds()
+            due = time.monotonic() - self._last_time_saved >= interval
+            if trainer.strategy.broadcast(due, src=0):
+                self._save(trainer)
+                self._last_time_saved = time.monotonic()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._on_train_epoch_end(trainer) and self._epoch_due(trainer):
@@ -146,7 +158,13 @@ class ModelCheckpoint(Callback):
             self._record(filepath, score, remove)
             commit = self._committer(trainer, filepath, score, remove)
             checkpoint.save_from_rank(trainer, filepath, self.save_weights_only, commit)
-        if self.save_last:
+        if self.save_last == "link" and filepath is not None:
+            # last.ckpt points at the file just saved (a copy on object stores), once it exists.
+            last = self._last_path(trainer)
+            self.last_model_path = last
+            if trainer.is_global_zero:
+                trainer._writer.after(lambda: storage.link(filepath, last))
+        elif self.save_last:
             last = self._last_path(trainer)
             self.last_model_path = last
             commit = self._committer(trainer, last, None, [], monitor=None)
