@@ -53,19 +53,16 @@ def _describe_request(scaling: Scaling) -> str:
 class WorkerGroup:
     worker_cls = Worker
 
-    def __init__(
-        self, scaling: Scaling, placement_timeout_s: float, placement_group: Any = None
-    ) -> None:
+    def __init__(self, scaling: Scaling, placement_timeout_s: float) -> None:
         self.scaling = scaling
         self.placement_timeout_s = placement_timeout_s
-        self._external_pg = placement_group
         self._pg: Any = None
         self.actors: list[Any] = []  # indexed by rank
         self.infos: list[dict[str, Any]] = []
 
     # ---- start ---------------------------------------------------------------------------------
     def start(self, backend: str, pg_timeout_s: float, env_vars: dict[str, str]) -> None:
-        self._pg = self._external_pg or self._reserve()
+        self._pg = self._reserve()
         remote_cls = ray.remote(self.worker_cls)
         bundle = self.scaling.bundle()
         options = {
@@ -75,11 +72,10 @@ class WorkerGroup:
             "runtime_env": {"env_vars": env_vars} if env_vars else None,
         }
         driver_sys_path = [os.path.abspath(p or os.curdir) for p in sys.path]
-        offset = 1 if self._external_pg is not None else 0  # Tune: bundle 0 is the trial driver
         actors = [
             remote_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=i + offset
+                    self._pg, placement_group_bundle_index=i
                 ),
                 **options,
             ).remote(driver_sys_path)
@@ -232,7 +228,7 @@ class WorkerGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
-        if self._pg is not None and self._external_pg is None:
+        if self._pg is not None:
             remove_placement_group(self._pg)
         self._pg = None
 
