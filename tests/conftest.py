@@ -11,6 +11,7 @@ import ray
 import torch.distributed as dist
 
 _RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+_SEED_VARS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")  # seed_everything sets them on purpose
 NUM_CPUS = 4
 
 
@@ -47,7 +48,13 @@ def _cpus_free() -> bool:
 def hygiene(request):
     """Each test leaves no process group, rank variables or live workers behind."""
     env_before = {name: os.environ.get(name) for name in _RANK_VARS}
+    seeds_before = {name: os.environ.get(name) for name in _SEED_VARS}
     yield
+    for name, value in seeds_before.items():  # a seeded test must not seed the next one
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     assert not (dist.is_available() and dist.is_initialized()), (
         "a process group leaked in the driver"
     )

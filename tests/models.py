@@ -53,7 +53,7 @@ class Classifier(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         x, y = batch[0], batch[1]
-        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True)
 
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
         return self(batch[0] if isinstance(batch, list | tuple) else batch).argmax(1)
