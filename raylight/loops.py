@@ -1,9 +1,9 @@
 """The per-rank loops: fit (one epoch per driver call), evaluation and prediction.
 
 Read top to bottom, one batch goes: loader -> batch-transfer hooks ->
-``on_train_batch_start`` -> closure (``training_step`` through DDP, zero_grad, backward)
--> ``optimizer_step`` -> ``on_train_batch_end`` -> step logging -> step schedulers ->
-mid-epoch validation. Hooks run through ``hooks.call`` in Lightning 2.x's order
+``on_train_batch_start`` -> ``optimizer_step`` running the closure (``training_step``
+through DDP, zero_grad, backward, clipping) -> schedulers -> ``on_train_batch_end`` ->
+step logging -> validation when due. Hooks run through ``hooks.call`` in Lightning 2.x's order
 (``tests/test_hook_order.py`` holds us to it).
 """
 
@@ -34,7 +34,7 @@ def fit_start(trainer: RankTrainer, sanity_check: bool) -> None:
     trainer._validation_enabled = _validation_enabled(trainer)
     hooks.call(trainer, "on_fit_start")
     trainer.lightning_module.zero_grad(set_to_none=True)
-    if sanity_check and _validation_enabled(trainer):
+    if sanity_check and trainer._validation_enabled:
         trainer.sanity_checking = True
         hooks.call_callbacks(trainer, "on_sanity_check_start")
         _ensure_val_loaders(trainer)
