@@ -45,6 +45,13 @@ def _cpus_free() -> bool:
 
 
 @pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own directory: a Trainer's default_root_dir (the working
+    directory) then holds its logs, checkpoints and index, never the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
 def hygiene(request):
     """Each test leaves no process group, rank variables or live workers behind."""
     env_before = {name: os.environ.get(name) for name in _RANK_VARS}

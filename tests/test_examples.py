@@ -31,8 +31,10 @@ def _accuracy(output: str) -> float:
     return float(match.group(1))
 
 
-def test_digits_main_job_reaches_95_percent():
-    assert _accuracy(_run(["examples/digits.py"])) >= 0.95
+def test_digits_main_job_reaches_95_percent(tmp_path):
+    output = _run(["examples/digits.py", "--default-root-dir", str(tmp_path)])
+    assert _accuracy(output) >= 0.95
+    assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
 
 
 def test_mnist_example_on_generated_idx_files(tmp_path):
@@ -46,6 +48,8 @@ def test_mnist_example_on_generated_idx_files(tmp_path):
             "1",
             "--num-workers",
             "2",
+            "--default-root-dir",
+            str(tmp_path / "root"),
         ]
     )
     assert _accuracy(output) >= 0.9
