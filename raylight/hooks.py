@@ -64,7 +64,9 @@ def _targets(trainer: Any, hook: str, part: str) -> list[Any]:
 
 
 def _overrides(obj: Any, base: type, hook: str) -> bool:
-    return getattr(type(obj), hook, None) is not getattr(base, hook, None)
+    """Overridden by the class, or set on the instance (as LambdaCallback does)."""
+    in_instance = hook in getattr(obj, "__dict__", {})
+    return in_instance or getattr(type(obj), hook, None) is not getattr(base, hook, None)
 
 
 def call_module(trainer: Any, hook: str, *args: Any, **kwargs: Any) -> Any:

@@ -144,6 +144,8 @@ def _train_batch(
     if stepped:
         _step_schedulers(trainer, "step", batch_idx + 1, plateau=True)
     trainer._batch_idx = None
+    # A validation may itself have asked to stop (EarlyStopping): Lightning stops right after it.
+    stopping = trainer.should_stop and epoch >= trainer.config.min_epochs
     return not (stopping or _max_steps_reached(trainer))
 
 
