@@ -14,7 +14,8 @@ from raylight.config import MisconfigurationException
 
 
 def _names(directory) -> list[str]:
-    return sorted(os.listdir(directory))
+    """The checkpoint files (the run's index may share the directory)."""
+    return sorted(name for name in os.listdir(directory) if name.endswith(".ckpt"))
 
 
 def test_format_checkpoint_name():
