@@ -10,14 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import socket
 import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from ray import cloudpickle
@@ -29,6 +27,7 @@ from raylight.datamodule import LightningDataModule
 from raylight.group import WorkerGroup
 from raylight.loggers import CSVLogger, Logger
 from raylight.module import LightningModule
+from raylight.seed import capture_rng
 
 _STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"}
 _STAGE_LOADER = {"validate": "val", "test": "test", "predict": "predict"}
@@ -392,7 +391,7 @@ class Trainer:
             "callbacks": self.callbacks,
             "loaders": loaders,
             "ckpt_path": os.fspath(ckpt_path) if ckpt_path else None,
-            "rng_states": (random.getstate(), np.random.get_state(), torch.get_rng_state()),
+            "rng_states": capture_rng(),
         }
         job_ref = _put_checked(job)
         group.run_on_all("setup", job_ref, what=f"{stage} setup")

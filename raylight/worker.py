@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 import socket
 import sys
 import traceback
@@ -18,7 +17,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,6 +28,7 @@ from raylight.data import request_loaders
 from raylight.module import LightningModule
 from raylight.optim import LightningOptimizer, parse_optimizers
 from raylight.rank_trainer import RankTrainer
+from raylight.seed import restore_rng
 
 
 class _TrainingStepModule(nn.Module):
@@ -144,7 +143,8 @@ class Worker:
     def setup(self, job: dict[str, Any]) -> None:
         """Build this rank's trainer view for ``job['stage']`` (fit/validate/test/predict)."""
         config: TrainerConfig = job["config"]
-        _restore_rng(job["rng_states"])
+        # Start from the driver's generator states, as each process of a DDP script would.
+        restore_rng(job["rng_states"])
         if config.deterministic:
             # Lightning's Trainer(deterministic=True): deterministic kernels, or an error.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -158,7 +158,7 @@ class Worker:
         module: LightningModule = job["module"]
         trainer.lightning_module, trainer.datamodule = module, job["datamodule"]
         self._user_callbacks = list(job["callbacks"])
-        trainer.callbacks = _ordered_callbacks(list(self._user_callbacks))
+        trainer.callbacks = list(self._user_callbacks)
         module.trainer = trainer
         if trainer.datamodule is not None:
             trainer.datamodule.trainer = trainer
@@ -280,14 +280,6 @@ def _device(use_gpu: bool) -> torch.device:
         torch.cuda.set_device(0)
         return torch.device("cuda", 0)
     return torch.device("cpu")
-
-
-def _restore_rng(states: tuple[Any, Any, torch.Tensor]) -> None:
-    """Start from the driver's generator states, as each process of a DDP script would."""
-    python_state, numpy_state, torch_state = states
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(torch_state)
 
 
 def _ordered_callbacks(callbacks: list[Any]) -> list[Any]:
