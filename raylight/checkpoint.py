@@ -3,7 +3,8 @@
 The dict has Lightning 2.x's keys (``epoch``, ``global_step``, ``state_dict``,
 ``optimizer_states``, ``lr_schedulers``, ``callbacks``, ``hyper_parameters``, ...),
 so ``pytorch_lightning`` can read what raylight writes. raylight's own position data
-lives under the ``raylight`` key.
+lives under the ``raylight`` key; a Lightning-shaped ``loops`` entry carries the same
+position for pytorch-lightning readers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ RAYLIGHT_VERSION = "0.1.0"
 
 def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
     module = trainer.lightning_module
+    epoch_done = trainer._epoch_batches_done
+    next_epoch = trainer.current_epoch + int(epoch_done)
+    batches_done = 0 if epoch_done else trainer._batches_done_at_step
     checkpoint: dict[str, Any] = {
         "epoch": trainer.current_epoch,
         "global_step": trainer.global_step,
@@ -35,12 +39,19 @@ def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         # Where to resume: raylight's own position, exact to the batch.
         "raylight": {
-            "next_epoch": trainer.current_epoch + int(trainer._epoch_batches_done),
-            "batches_done": 0 if trainer._epoch_batches_done else trainer._batches_done_at_step,
+            "next_epoch": next_epoch,
+            "batches_done": batches_done,
             "batches_that_stepped": trainer._batches_that_stepped,
             "world_size": trainer.world_size,
             "rng_states": _gather_rng(trainer),
         },
+        "loops": lightning_loops(
+            next_epoch,
+            batches_done,
+            trainer.num_training_batches,
+            trainer._batches_that_stepped,
+            trainer.global_step,
+        ),
     }
     if not weights_only:
         checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
@@ -58,6 +69,85 @@ def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
     if trainer.datamodule is not None:
         checkpoint[type(trainer.datamodule).__qualname__] = trainer.datamodule.state_dict()
     return checkpoint
+
+
+def _progress(value: int, *, completed: int | None = None, fields: int = 4) -> dict[str, int]:
+    names = ("ready", "completed", "started", "processed")[:fields]
+    counts = {name: value for name in names}
+    if completed is not None:
+        counts["completed"] = completed
+    return counts
+
+
+def _tracker(total: dict[str, int], current: dict[str, int], **extra: Any) -> dict[str, Any]:
+    return {"total": total, "current": current, **extra}
+
+
+def lightning_loops(
+    next_epoch: int,
+    batches_done: int,
+    batches_per_epoch: int | float,
+    batches_that_stepped: int,
+    global_step: int,
+) -> dict[str, Any]:
+    """The position as pytorch-lightning 2.x's ``loops`` entry, written as Lightning would
+    at the same point: after a whole epoch (every counter equal, so a Lightning reader
+    starts the next epoch), or after batch ``batches_done`` of epoch ``next_epoch``
+    (saved from ``on_train_batch_end``: that batch is processed, not yet completed).
+    Totals assume every epoch had ``batches_per_epoch`` batches."""
+    per_epoch = int(batches_per_epoch) if batches_per_epoch not in (-1, float("inf")) else 0
+    mid_epoch = batches_done > 0
+    epochs = next_epoch + int(mid_epoch)  # epochs started
+    in_epoch = batches_done if mid_epoch else per_epoch
+    total = next_epoch * per_epoch + batches_done
+    lag = int(mid_epoch)  # Lightning counts a batch completed after on_train_batch_end
+    empty4, empty2 = _progress(0), _progress(0, fields=2)
+    idle_loop = {"state_dict": {}, "batch_progress": _tracker(empty4, empty4, is_last_batch=False)}
+    steps = _tracker(_progress(global_step, fields=2), _progress(global_step, fields=2))
+    zero_grad = _tracker(_progress(global_step, fields=3), _progress(global_step, fields=3))
+    fit_loop = {
+        "state_dict": {},
+        "epoch_loop.state_dict": {"_batches_that_stepped": batches_that_stepped - lag},
+        "epoch_loop.batch_progress": _tracker(
+            _progress(total, completed=total - lag),
+            _progress(in_epoch, completed=in_epoch - lag),
+            is_last_batch=not mid_epoch or batches_done >= per_epoch,
+        ),
+        "epoch_loop.scheduler_progress": _tracker(empty2, empty2),
+        "epoch_loop.automatic_optimization.state_dict": {},
+        "epoch_loop.automatic_optimization.optim_progress": {
+            "optimizer": {"step": steps, "zero_grad": zero_grad}
+        },
+        "epoch_loop.manual_optimization.state_dict": {},
+        "epoch_loop.manual_optimization.optim_step_progress": _tracker(empty2, empty2),
+        "epoch_loop.val_loop.state_dict": {},
+        "epoch_loop.val_loop.batch_progress": _tracker(empty4, empty4, is_last_batch=False),
+        "epoch_progress": _tracker(
+            _progress(epochs, completed=next_epoch) | {"processed": next_epoch},
+            _progress(epochs, completed=next_epoch) | {"processed": next_epoch},
+        ),
+    }
+    predict = {"state_dict": {}, "batch_progress": _tracker(empty4, empty4)}
+    return {
+        "fit_loop": fit_loop,
+        "validate_loop": idle_loop,
+        "test_loop": idle_loop,
+        "predict_loop": predict,
+    }
+
+
+def position_from_loops(checkpoint: dict[str, Any]) -> dict[str, int]:
+    """Where a pytorch-lightning checkpoint resumes: the next epoch after one whose batches
+    all ran, or the batch after the last processed one mid-epoch."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit_loop:  # no progress recorded: an end-of-epoch checkpoint
+        return {"next_epoch": checkpoint["epoch"] + 1, "batches_done": 0}
+    started = fit_loop["epoch_progress"]["current"]["started"]
+    batches = fit_loop["epoch_loop.batch_progress"]
+    done = batches["current"]["processed"]
+    if batches["is_last_batch"] or done == 0:
+        return {"next_epoch": started, "batches_done": 0}
+    return {"next_epoch": max(started - 1, 0), "batches_done": done}
 
 
 def _gather_rng(trainer: Any) -> list[dict[str, Any]]:
@@ -198,14 +288,14 @@ def restore(trainer: Any, filepath: str, stage: str) -> None:
         trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", []), strict=False
     ):
         config.scheduler.load_state_dict(state)
-    # A checkpoint from pytorch-lightning has no "raylight" entry; its end-of-epoch
-    # checkpoints resume at the next epoch.
-    position = checkpoint.get("raylight", {})
+    # A checkpoint from pytorch-lightning has no "raylight" entry: its "loops" progress
+    # gives the position (without generator states, so exact only in sample order).
+    position = checkpoint.get("raylight") or position_from_loops(checkpoint)
     scaler = trainer.precision_plugin.scaler
     if scaler is not None and "MixedPrecision" in checkpoint:
         scaler.load_state_dict(checkpoint["MixedPrecision"])
     trainer.global_step = checkpoint["global_step"]
-    trainer.current_epoch = position.get("next_epoch", checkpoint["epoch"] + 1)
+    trainer.current_epoch = position["next_epoch"]
     trainer._resume_batches = position.get("batches_done", 0)
     rng_states = position.get("rng_states") or []
     if len(rng_states) == trainer.world_size:  # exact only at the same world size

@@ -12,6 +12,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from raylight import storage
+
 _PRECISIONS = {
     "32-true": "32-true",
     "32": "32-true",
@@ -179,7 +181,9 @@ def make_config(**flags: Any) -> TrainerConfig:  # noqa: C901 - one check per fl
             val_check_interval=1.0,
             check_val_every_n_epoch=1,
         )
-    flags["default_root_dir"] = os.fspath(flags["default_root_dir"] or os.getcwd())
+    flags["default_root_dir"] = storage.absolute(
+        os.fspath(flags["default_root_dir"] or os.getcwd())
+    )
     return TrainerConfig(fast_dev_run=fast_dev_run, **flags)
 
 

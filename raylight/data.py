@@ -8,7 +8,15 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from raylight import hooks
 from raylight.config import MisconfigurationException
@@ -62,6 +70,14 @@ def distribute(loader: Any, mode: str, num_replicas: int, rank: int, seed: int) 
             "automatically: give it a DistributedSampler yourself and set "
             "Trainer(use_distributed_sampler=False)."
         )
+    shuffle = mode == "train"  # Lightning shuffles every distributed training loader
+    if num_replicas == 1:
+        # One worker is Lightning's single-device case: the loader's own order. Sequential
+        # and random samplers still become a DistributedSampler so that the order is a
+        # function of (seed, epoch) and a mid-epoch checkpoint resumes exactly.
+        if not isinstance(loader.sampler, SequentialSampler | RandomSampler):
+            return loader
+        shuffle = isinstance(loader.sampler, RandomSampler)
     if mode == "predict":
         sampler: Sampler[int] = ContiguousSampler(len(loader.dataset), num_replicas, rank)
     else:
@@ -69,7 +85,7 @@ def distribute(loader: Any, mode: str, num_replicas: int, rank: int, seed: int) 
             loader.dataset,
             num_replicas=num_replicas,
             rank=rank,
-            shuffle=mode == "train",
+            shuffle=shuffle,
             seed=seed,
             drop_last=loader.drop_last if mode == "train" else False,
         )

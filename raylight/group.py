@@ -10,13 +10,18 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
+from raylight import storage
 from raylight.config import Scaling
 from raylight.worker import Worker
 
@@ -59,6 +64,8 @@ class WorkerGroup:
         self._pg: Any = None
         self.actors: list[Any] = []  # indexed by rank
         self.infos: list[dict[str, Any]] = []
+        self._storage_proxy: Any = None
+        self._storage_checked = False
 
     # ---- start ---------------------------------------------------------------------------------
     def start(self, backend: str, pg_timeout_s: float, env_vars: dict[str, str]) -> None:
@@ -150,6 +157,34 @@ class WorkerGroup:
         for info in self.infos:
             info["local_world_size"] = per_node[info["node_id"]]
 
+    def share_local_storage(self, root: str) -> list[int]:
+        """Find the ranks whose node cannot see the driver's local ``root`` and route their
+        local-path storage calls to the driver's node. Returns those ranks.
+
+        Checked once per group, by a marker file the driver writes: a node that shares the
+        driver's filesystem (NFS at the same path, or the driver's own node) sees it.
+        """
+        if self._storage_checked or storage.is_uri(root):
+            return []
+        marker = storage.join(root, f".raylight-probe-{uuid.uuid4().hex}")
+        storage.write_bytes(marker, b"")
+        try:
+            seen = self.run_on_all("sees_path", marker, timeout_s=60, what="storage check")
+        finally:
+            storage.delete(marker)
+        blind = [rank for rank, sees in enumerate(seen) if not sees]
+        if blind:
+            proxy_cls = ray.remote(storage.DriverNodeStorage)
+            self._storage_proxy = proxy_cls.options(
+                num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    ray.get_runtime_context().get_node_id(), soft=False
+                ),
+            ).remote()
+            self.run_on_ranks(blind, "route_storage", self._storage_proxy, timeout_s=60)
+        self._storage_checked = True
+        return blind
+
     def _rank_env(self, rank: int) -> dict[str, int]:
         info = self.infos[rank]
         return {
@@ -228,6 +263,10 @@ class WorkerGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+        if self._storage_proxy is not None:
+            ray.kill(self._storage_proxy, no_restart=True)
+            self._storage_proxy = None
+        self._storage_checked = False
         if self._pg is not None:
             remove_placement_group(self._pg)
         self._pg = None

@@ -4,19 +4,83 @@ A location is a plain string so that it pickles to the workers: ``/mnt/nfs/run``
 ``s3://bucket/run``, ``gs://bucket/run``, ``hdfs://...``. A URI may carry pyarrow's
 query options (``s3://bucket/run?endpoint_override=host:port&scheme=http``); ``join``
 keeps them at the end. Writes are atomic: a reader sees the whole file or none of it.
+
+Local paths are the driver's: a worker on a node that cannot see them (no shared
+filesystem there) sends its local-path calls to a helper actor on the driver's node,
+so checkpoints still land where the driver and a later run look for them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import shutil
 import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+# The one process-wide fact here: whether this process sees the driver's local paths.
+# It belongs to the process's node, not to a run's configuration; set by ``route_local_paths``.
+_driver_node_proxy: Any = None
+_PROXY_TIMEOUT_S = 900.0  # one call may carry a whole checkpoint through the object store
+
+
+def _routed(fn: _Fn) -> _Fn:
+    """Run ``fn`` on the driver's node when this process cannot see its local paths."""
+
+    @functools.wraps(fn)
+    def wrapper(location: str, *args: Any, **kwargs: Any) -> Any:
+        proxy = _driver_node_proxy
+        if proxy is None or is_uri(location):
+            return fn(location, *args, **kwargs)
+        import ray
+
+        try:
+            return ray.get(
+                proxy.call.remote(fn.__name__, location, *args, **kwargs), timeout=_PROXY_TIMEOUT_S
+            )
+        except ray.exceptions.GetTimeoutError as error:
+            raise OSError(
+                f"{fn.__name__} of {location} on the driver's node did not finish within "
+                f"{_PROXY_TIMEOUT_S:.0f} s. This node cannot see the driver's local paths: "
+                "give default_root_dir a location every node shares (NFS, s3://...)."
+            ) from error
+        except ray.exceptions.RayActorError as error:
+            raise OSError(
+                f"{fn.__name__} of {location}: the driver's node, which holds the "
+                f"run's local files, is gone ({error})."
+            ) from error
+
+    return wrapper  # type: ignore[return-value]
+
+
+class DriverNodeStorage:
+    """Made an actor on the driver's node; runs the storage calls of workers that cannot
+    see the driver's local paths."""
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return globals()[name].__wrapped__(*args, **kwargs)
+
+
+def route_local_paths(proxy: Any) -> None:
+    """From now on, this process's local-path calls run through ``proxy`` (a
+    ``DriverNodeStorage`` actor)."""
+    global _driver_node_proxy
+    _driver_node_proxy = proxy
 
 
 def is_uri(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
+
+
+def absolute(location: str) -> str:
+    """A local path made absolute (the driver's, so a worker does not read it from its own
+    working directory); URIs unchanged."""
+    return location if "://" in location else os.path.abspath(location)
 
 
 def _local(location: str) -> str:
@@ -60,6 +124,7 @@ def check_reachable(location: str) -> None:
         exists(location)
 
 
+@_routed
 def write_bytes(location: str, data: bytes) -> None:
     """Write ``data`` atomically: a temporary file renamed into place locally; one object
     upload (visible only once complete) on object stores."""
@@ -81,6 +146,7 @@ def write_bytes(location: str, data: bytes) -> None:
         raise _unreachable(location, error) from error
 
 
+@_routed
 def read_bytes(location: str) -> bytes:
     if not exists(location):
         raise FileNotFoundError(f"{location} not found.")
@@ -95,6 +161,7 @@ def read_bytes(location: str) -> bytes:
         raise _unreachable(location, error) from error
 
 
+@_routed
 def exists(location: str) -> bool:
     if not is_uri(location):
         return os.path.exists(_local(location))
@@ -105,6 +172,7 @@ def exists(location: str) -> bool:
         raise _unreachable(location, error) from error
 
 
+@_routed
 def delete(location: str) -> None:
     if not is_uri(location):
         if os.path.exists(_local(location)):
@@ -118,6 +186,7 @@ def delete(location: str) -> None:
         raise _unreachable(location, error) from error
 
 
+@_routed
 def list_names(location: str, directories: bool = False) -> list[str]:
     """Names of the files (or, with ``directories``, the folders) directly in ``location``;
     empty when it does not exist."""
@@ -135,6 +204,7 @@ def list_names(location: str, directories: bool = False) -> list[str]:
     return sorted(info.base_name for info in infos if info.type == wanted)
 
 
+@_routed
 def link(target: str, location: str) -> None:
     """Make ``location`` name the same checkpoint as ``target``: a relative symlink, swapped in
     atomically, on local storage; a copy on object stores, which have no links."""
@@ -145,3 +215,24 @@ def link(target: str, location: str) -> None:
         os.replace(temporary, path)
         return
     write_bytes(location, read_bytes(target))
+
+
+@_routed
+def copy_tree(source: str, destination: str) -> None:
+    """Copy the folder ``source`` (local or URI) into ``destination`` (local or URI)."""
+    if not is_uri(source) and not is_uri(destination):
+        shutil.copytree(_local(source), _local(destination), dirs_exist_ok=True)
+        return
+    source_fs, source_path = _resolve(source) if is_uri(source) else (None, _local(source))
+    target_fs, target_path = (
+        _resolve(destination) if is_uri(destination) else (None, _local(destination))
+    )
+    try:
+        pafs.copy_files(
+            source_path,
+            target_path,
+            source_filesystem=source_fs or pafs.LocalFileSystem(),
+            destination_filesystem=target_fs or pafs.LocalFileSystem(),
+        )
+    except OSError as error:
+        raise _unreachable(destination if target_fs else source, error) from error

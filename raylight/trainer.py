@@ -246,7 +246,9 @@ class Trainer:
                 "save_checkpoint needs the workers of a completed trainer.fit: call it after "
                 "fit (and before validate/test/predict, which set the workers up anew)."
             )
-        self._group.run_on_all("save_checkpoint", os.fspath(filepath), weights_only)
+        self._group.run_on_all(
+            "save_checkpoint", storage.absolute(os.fspath(filepath)), weights_only
+        )
 
     def shutdown(self) -> None:
         """Stop the workers. The Trainer does this itself when it is garbage-collected."""
@@ -295,7 +297,9 @@ class Trainer:
         """Lightning's "last" and "best", also from a new driver: they come from this run's
         callbacks if they saved anything, else from the checkpoint index in storage."""
         if ckpt_path not in ("last", "best"):
-            return os.fspath(ckpt_path) if ckpt_path else None
+            if not ckpt_path:
+                return None
+            return storage.absolute(os.fspath(ckpt_path))
         root = self.config.default_root_dir
         callback = self.checkpoint_callback
         if ckpt_path == "best":
@@ -379,8 +383,19 @@ class Trainer:
             if callback.dirpath is None:
                 root = self.log_dir if self.loggers else self.config.default_root_dir
                 callback.dirpath = storage.join(root, "checkpoints")
+            callback.dirpath = storage.absolute(callback.dirpath)
             storage.check_reachable(callback.dirpath)
         group = self._ensure_group()
+        blind = group.share_local_storage(self.config.default_root_dir)
+        if blind:
+            warnings.warn(
+                f"The workers of ranks {blind} run on nodes that cannot see "
+                f"default_root_dir={self.config.default_root_dir!r}, a path local to the "
+                "driver's node: their checkpoint files travel through the driver's node. For "
+                "large models give default_root_dir a location every node shares (NFS mounted "
+                "at the same path, or s3://..., gs://...).",
+                stacklevel=3,
+            )
         self.config.global_seed = _global_seed()
         job = {
             "stage": stage,

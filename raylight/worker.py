@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from raylight import checkpoint, hooks, loops
+from raylight import checkpoint, hooks, loops, storage
 from raylight.config import MisconfigurationException, TrainerConfig
 from raylight.data import request_loaders
 from raylight.module import LightningModule
@@ -103,6 +103,12 @@ class Worker:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "pid": os.getpid(),
         }
+
+    def sees_path(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def route_storage(self, proxy: Any) -> None:
+        storage.route_local_paths(proxy)
 
     def free_port(self) -> int:
         with socket.socket() as sock:

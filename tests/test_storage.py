@@ -42,6 +42,25 @@ def test_write_read_list_delete(where, tmp_path, request):
         storage.read_bytes(target)
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_copy_tree_copies_a_folder_and_its_subfolders(where, tmp_path, request):
+    source = tmp_path / "source"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.bin").write_bytes(b"a")
+    (source / "sub" / "b.bin").write_bytes(b"b")
+    middle = (
+        str(tmp_path / "middle")
+        if where == "local"
+        else storage.join(request.getfixturevalue("s3_server"), "tree")
+    )
+    storage.copy_tree(str(source), middle)
+    assert storage.read_bytes(storage.join(middle, "sub", "b.bin")) == b"b"
+    back = tmp_path / "back"
+    storage.copy_tree(middle, str(back))  # and out again
+    assert (back / "a.bin").read_bytes() == b"a"
+    assert (back / "sub" / "b.bin").read_bytes() == b"b"
+
+
 @pytest.mark.slow
 def test_checkpoints_top_k_and_resume_on_s3(ray_session, s3_server):
     directory = storage.join(s3_server, "run", "checkpoints")

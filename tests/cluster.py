@@ -1,0 +1,135 @@
+"""A real multi-node Ray cluster on this machine, for the tests that need more than one node.
+
+Each node is its own ``ray start --block`` process tree in its own session, so a test
+can kill one node (and only its processes) by process group. A node can be started in a
+private mount namespace with some folders hidden behind an empty tmpfs: it then sees a
+filesystem different from the driver's, as a separate machine without shared storage does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import ray
+
+TOKEN_ENV = {"RAY_AUTH_MODE": "token"}  # joiners must opt in; the head made ~/.ray/auth_token
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def can_hide_paths() -> bool:
+    """Private mount namespaces need root and unshare(1)."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return False
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10)
+    return probe.returncode == 0
+
+
+class LocalCluster:
+    def __init__(self) -> None:
+        # Short: Ray's socket paths under it must fit in 107 characters.
+        self.temp_dir = tempfile.mkdtemp(prefix="rl-", dir="/tmp")
+        self.port = _free_port()
+        self.address = ""
+        self.nodes: list[subprocess.Popen] = []
+
+    def env(self) -> dict[str, str]:
+        """The environment of a driver process that joins this cluster."""
+        return {**os.environ, **TOKEN_ENV, "RAY_ADDRESS": self.address}
+
+    def start_head(self, num_cpus: int) -> None:
+        self._start(
+            [
+                "--head",
+                f"--port={self.port}",
+                f"--num-cpus={num_cpus}",
+                "--include-dashboard=false",
+                f"--temp-dir={self.temp_dir}",
+            ],
+            hide=(),
+        )
+        self.address = f"{ray.util.get_node_ip_address()}:{self.port}"
+        self._wait_for_nodes(1)
+
+    def add_node(
+        self, num_cpus: int, resources: dict[str, float] | None = None, hide: tuple[str, ...] = ()
+    ) -> subprocess.Popen:
+        args = [f"--address={self.address}", f"--num-cpus={num_cpus}"]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        node = self._start(args, hide)
+        self._wait_for_nodes(len(self.nodes))
+        return node
+
+    def _start(self, args: list[str], hide: tuple[str, ...]) -> subprocess.Popen:
+        command = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            *args,
+        ]
+        if hide:
+            mounts = " && ".join(f"mount -t tmpfs none {path}" for path in hide)
+            command = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                       f'{mounts} && exec "$@"', "sh", *command]  # fmt: skip
+        log = open(os.path.join(self.temp_dir, f"node-{len(self.nodes)}.log"), "wb")
+        node = subprocess.Popen(
+            command, env={**os.environ, **TOKEN_ENV}, stdout=log, stderr=log, start_new_session=True
+        )
+        self.nodes.append(node)
+        return node
+
+    def _wait_for_nodes(self, count: int, timeout_s: float = 60) -> None:
+        script = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            dead = [n.args for n in self.nodes if n.poll() is not None]
+            assert not dead, f"a Ray node exited while starting; logs in {self.temp_dir}"
+            result = subprocess.run(
+                [sys.executable, "-c", script], env=self.env(), capture_output=True, text=True
+            )
+            if result.returncode == 0 and int(result.stdout.split()[-1]) >= count:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{count} Ray nodes did not come up in {timeout_s} s: {self.temp_dir}")
+
+    def kill_node(self, node: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """Kill one node's whole process tree (its raylet and its workers)."""
+        try:
+            os.killpg(node.pid, sig)
+        except ProcessLookupError:
+            pass
+        node.wait(timeout=30)
+
+    def shutdown(self) -> None:
+        for node in reversed(self.nodes):
+            try:
+                os.killpg(node.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        deadline = time.monotonic() + 15
+        for node in self.nodes:
+            try:
+                node.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(node.pid, signal.SIGKILL)  # whatever ignored SIGTERM
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
