@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from raylight import hooks, storage
+from raylight.data import sampler_order_args
 from raylight.seed import capture_rng
 
 LIGHTNING_VERSION = "2.6.0"  # the format version pytorch-lightning readers check
@@ -53,8 +54,16 @@ def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
             trainer.global_step,
         ),
     }
+    if batches_done:
+        # Enough to rebuild this epoch's order at another world size (elastic resume).
+        position = checkpoint["raylight"]
+        position["sampler"] = sampler_order_args(trainer.train_dataloader)
+        if trainer._epoch_order is not None:  # already re-partitioned: its own order
+            position["epoch_order"] = torch.tensor(trainer._epoch_order)
     if not weights_only:
-        checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
+        # As Lightning: only callbacks that have state get an entry.
+        states = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
+        checkpoint["callbacks"] = {key: state for key, state in states.items() if state}
         checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
         scaler = trainer.precision_plugin.scaler
         if scaler is not None:  # Lightning's key for the AMP plugin's state
@@ -296,7 +305,18 @@ def restore(trainer: Any, filepath: str, stage: str) -> None:
         scaler.load_state_dict(checkpoint["MixedPrecision"])
     trainer.global_step = checkpoint["global_step"]
     trainer.current_epoch = position["next_epoch"]
-    trainer._resume_batches = position.get("batches_done", 0)
+    batches_done = position.get("batches_done", 0)
+    saved_world = position.get("world_size", trainer.world_size)
+    order = position.get("epoch_order")
+    if batches_done and (saved_world != trainer.world_size or order is not None):
+        trainer._resume_plan = {
+            "order": order.tolist() if order is not None else None,
+            "order_args": position.get("sampler"),
+            "world_size": saved_world,
+            "batches_done": batches_done,
+        }
+    else:
+        trainer._resume_batches = batches_done
     rng_states = position.get("rng_states") or []
     if len(rng_states) == trainer.world_size:  # exact only at the same world size
         trainer._resume_rng = rng_states[trainer.global_rank]
@@ -330,6 +350,16 @@ def latest_in_index(root: str) -> str | None:
     if not entries:
         return None
     return max(entries, key=lambda e: e["time"])["path"]  # the newest commit, of any run
+
+
+def latest_of_run(root: str, run_id: str) -> dict[str, Any] | None:
+    """The newest full (not weights-only) checkpoint that fit ``run_id`` committed."""
+    entries = [
+        e
+        for e in _read_index(root)
+        if e.get("run") == run_id and not e.get("weights_only") and storage.exists(e["path"])
+    ]
+    return max(entries, key=lambda e: e["time"]) if entries else None
 
 
 def best_in_index(root: str, monitor: str, mode: str) -> str | None:

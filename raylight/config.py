@@ -40,9 +40,14 @@ class MisconfigurationException(ValueError):
 
 @dataclass(frozen=True)
 class Scaling:
-    num_workers: int
+    num_workers: int  # the most workers a group has (max of an elastic range)
     use_gpu: bool
     resources_per_worker: dict[str, float]
+    min_workers: int = 0  # elastic: a group may start (and go on) with this many; 0 = fixed
+
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.min_workers < self.num_workers
 
     @property
     def cpus_per_worker(self) -> int:
@@ -81,6 +86,7 @@ class TrainerConfig:
     find_unused_parameters: bool = False
     process_group_timeout_s: float = 1800.0
     global_seed: int | None = None
+    run_id: str = ""  # one fit, across its restarts: tags its checkpoint index entries
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -188,7 +194,7 @@ def make_config(**flags: Any) -> TrainerConfig:  # noqa: C901 - one check per fl
 
 
 def make_scaling(  # noqa: C901 - two spellings of the same flags
-    num_workers: int | None,
+    num_workers: int | tuple[int, int] | None,
     use_gpu: bool | None,
     resources_per_worker: dict[str, float] | None,
     accelerator: str | None,
@@ -226,6 +232,18 @@ def make_scaling(  # noqa: C901 - two spellings of the same flags
                 f"num_nodes={num_nodes}: set one spelling only."
             )
         num_workers = lightning_workers
+    min_workers = 0
+    if isinstance(num_workers, tuple | list):
+        if len(num_workers) != 2:
+            raise MisconfigurationException(
+                f"Trainer(num_workers={num_workers!r}): an elastic range is (min, max)."
+            )
+        min_workers, num_workers = num_workers
+        _check_int("num_workers min", min_workers, 1)
+        if not isinstance(num_workers, int) or num_workers < min_workers:
+            raise MisconfigurationException(
+                f"Trainer(num_workers=({min_workers}, {num_workers!r})): max must be an int >= min."
+            )
     num_workers = 1 if num_workers is None else num_workers
     _check_int("num_workers", num_workers, 1)
     if accelerator in ("gpu", "cuda"):
@@ -243,4 +261,6 @@ def make_scaling(  # noqa: C901 - two spellings of the same flags
             )
     if use_gpu is None:
         use_gpu = resources.get("GPU", 0) > 0
-    return Scaling(num_workers, bool(use_gpu), {k: float(v) for k, v in resources.items()})
+    return Scaling(
+        num_workers, bool(use_gpu), {k: float(v) for k, v in resources.items()}, min_workers
+    )

@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -212,3 +213,77 @@ def request_loaders(trainer: Any, kind: str) -> tuple[list[Any], list[int | floa
     limit_name = _LIMITS[kind]
     limits = [limit_batches(lo, getattr(config, limit_name), limit_name) for lo in distributed]
     return distributed, limits
+
+
+# ---- re-partitioning the rest of an epoch over a new world size ----------------------------------
+# A DistributedSampler of world size W walks one epoch order P (a permutation of the dataset
+# fixed by seed and epoch, padded to a multiple of W) and gives rank r the entries P[r::W].
+# Rank r's first k batches of B are P[r + W*j] for j < k*B, so after k batches on every rank
+# the ranks together have consumed exactly the prefix P[:k*B*W]: the rest of the epoch is the
+# suffix P[k*B*W:], whatever W was. The new world deals that suffix out in chunks of
+# W_new*B, each rank taking chunk[r::W_new], so each remaining sample is seen once and
+# every rank runs the same number of batches (the last chunk's batches are smaller). After k'
+# batches of the new plan the consumed part is again a prefix, k'*B*W_new long, which is what
+# a checkpoint taken during this epoch records. One corner: when fewer samples remain in the
+# last chunk than there are ranks, that chunk repeats up to W_new - 1 samples from the start of
+# the order, because every rank must run the batch (its collectives must match).
+def sampler_order_args(loader: Any) -> dict[str, Any] | None:
+    """What fixes the epoch order of ``loader``'s DistributedSampler (None: it has none)."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        return None
+    return {"shuffle": sampler.shuffle, "seed": sampler.seed, "drop_last": sampler.drop_last}
+
+
+def epoch_order(size: int, epoch: int, world_size: int, order_args: dict[str, Any]) -> list[int]:
+    """The unique part of the order a DistributedSampler of ``world_size`` draws for
+    ``epoch`` over ``size`` samples."""
+    if order_args["shuffle"]:
+        generator = torch.Generator().manual_seed(order_args["seed"] + epoch)
+        order = torch.randperm(size, generator=generator).tolist()
+    else:
+        order = list(range(size))
+    if order_args["drop_last"] and size % world_size:
+        order = order[: (size // world_size) * world_size]  # trimmed instead of padded
+    return order
+
+
+def remaining_after(
+    order: list[int], batches_done: int, batch_size: int, world_size: int
+) -> list[int]:
+    """What is left of ``order`` once every rank of ``world_size`` ran ``batches_done``."""
+    return order[batches_done * batch_size * world_size :]
+
+
+class RemainderBatchSampler(Sampler[list[int]]):
+    """Rank ``rank``'s batches of the rest of an epoch (see the arithmetic above)."""
+
+    def __init__(self, order: list[int], rank: int, world_size: int, batch_size: int) -> None:
+        self.order, self.rank, self.world_size, self.batch_size = (
+            order,
+            rank,
+            world_size,
+            batch_size,
+        )
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // (self.world_size * self.batch_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        chunk_size = self.world_size * self.batch_size
+        for start in range(0, len(self.order), chunk_size):
+            chunk = self.order[start : start + chunk_size]
+            if len(chunk) < self.world_size:  # the corner case: every rank needs a sample
+                chunk = chunk + self.order[: self.world_size - len(chunk)]
+            yield chunk[self.rank :: self.world_size]
+
+
+def remainder_loader(
+    loader: DataLoader, order: list[int], rank: int, world_size: int
+) -> DataLoader:
+    """``loader`` reading this rank's share of ``order`` (one epoch's remaining samples)."""
+    resumed = copy.copy(loader)
+    batch_sampler = RemainderBatchSampler(order, rank, world_size, loader.batch_size)
+    object.__setattr__(resumed, "batch_sampler", batch_sampler)
+    object.__setattr__(resumed, "_iterator", None)
+    return resumed

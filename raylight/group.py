@@ -49,10 +49,45 @@ def _format_resources(resources: dict[str, float]) -> str:
 
 
 def _describe_request(scaling: Scaling) -> str:
+    if scaling.elastic:
+        return (
+            f"Trainer(num_workers=({scaling.min_workers}, {scaling.num_workers}), "
+            f"use_gpu={scaling.use_gpu}) needs {scaling.bundle()} per worker x at least "
+            f"{scaling.min_workers}"
+        )
     return (
         f"Trainer(num_workers={scaling.num_workers}, use_gpu={scaling.use_gpu}) needs "
         f"{scaling.bundle()} per worker x {scaling.num_workers}"
     )
+
+
+def release_leaked_bundles(removed: list[Any]) -> None:
+    """Remove again the placement groups whose bundles still hold resources.
+
+    When a group is removed right after one of its nodes died, Ray's GCS may still
+    reschedule the dead node's bundle and commit it on the next node that joins, where it
+    holds that node's resources for a group that no longer exists. Removing the group a
+    second time releases them.
+    """
+    if not removed:
+        return
+    def held() -> str:
+        return " ".join(k for k in ray.available_resources() if k.startswith("bundle_group_"))
+
+    leaked = [pg for pg in removed if pg.id.hex() in held()]
+    for pg in leaked:
+        remove_placement_group(pg)
+    deadline = time.monotonic() + 5.0  # the free-resource view follows within moments
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leaked = [pg for pg in leaked if pg.id.hex() in held()]
+    del removed[: max(0, len(removed) - 64)]  # keep the recent ones only
+
+
+def fitting_workers(bundle: dict[str, float], available: dict[str, float]) -> int:
+    """How many workers of ``bundle`` the free resources could hold (an upper bound: a
+    worker must fit on one node, and the free amounts are cluster-wide sums)."""
+    return min(int(available.get(name, 0.0) // amount) for name, amount in bundle.items() if amount)
 
 
 class WorkerGroup:
@@ -64,6 +99,9 @@ class WorkerGroup:
         self._pg: Any = None
         self.actors: list[Any] = []  # indexed by rank
         self.infos: list[dict[str, Any]] = []
+        self.size = scaling.num_workers  # the world size; elastic groups settle it in _reserve
+        self.expected_size = 0  # elastic: the size to try first (0: judge by free resources)
+        self.removed_pgs: list[Any] = []
         self._storage_proxy: Any = None
         self._storage_checked = False
 
@@ -86,7 +124,7 @@ class WorkerGroup:
                 ),
                 **options,
             ).remote(driver_sys_path)
-            for i in range(self.scaling.num_workers)
+            for i in range(self.size)
         ]
         self.actors = actors
         infos = self.run_on_all(
@@ -109,26 +147,54 @@ class WorkerGroup:
         self.wait(refs, timeout_s=min(pg_timeout_s, 300), what="init_process_group")
 
     def _reserve(self) -> Any:
-        bundles = [self.scaling.bundle() for _ in range(self.scaling.num_workers)]
+        """A placement group for the workers. An elastic group takes as many as fit now, up
+        to its max, and waits (within the placement timeout) only for its min."""
+        scaling, bundle = self.scaling, self.scaling.bundle()
+        smallest = scaling.min_workers if scaling.elastic else scaling.num_workers
         total = ray.cluster_resources()
-        for name, amount in bundles[0].items():
-            if total.get(name, 0.0) < amount * self.scaling.num_workers:
-                raise ResourcesUnavailable(
-                    f"{_describe_request(self.scaling)}, but the cluster has "
-                    f"{_format_resources(total)} in all. Ask for fewer workers or resources, "
-                    "or add nodes that have them."
-                )
-        pg = placement_group(bundles, strategy="PACK")
-        ready, _ = ray.wait([pg.ready()], timeout=self.placement_timeout_s)
-        if not ready:
-            remove_placement_group(pg)
+        if fitting_workers(bundle, total) < smallest:
             raise ResourcesUnavailable(
-                f"{_describe_request(self.scaling)}; after {self.placement_timeout_s:.0f} s the "
-                f"cluster still could not place them (free now: "
-                f"{_format_resources(ray.available_resources())}; total: {_format_resources(total)}). "
-                "Other jobs may hold the resources, or no single node fits one worker."
+                f"{_describe_request(scaling)}, but the cluster has "
+                f"{_format_resources(total)} in all. Ask for fewer workers or resources, "
+                "or add nodes that have them."
             )
-        return pg
+        release_leaked_bundles(self.removed_pgs)
+        size = scaling.num_workers
+        if scaling.elastic:
+            # The free-resource view lags a removed group by a moment: a caller that just
+            # freed its own workers says how many it expects to fit.
+            fits = self.expected_size or fitting_workers(bundle, ray.available_resources())
+            size = max(smallest, min(size, fits))
+        deadline = time.monotonic() + self.placement_timeout_s
+        while True:
+            pg = placement_group([bundle] * size, strategy="PACK")
+            remaining = max(0.0, deadline - time.monotonic())
+            # Larger than the minimum: a short try, then one worker fewer.
+            wait_s = remaining if size == smallest else min(remaining, 3.0)
+            ready, _ = ray.wait([pg.ready()], timeout=wait_s)
+            if ready:
+                self.size = size
+                return pg
+            self._remove(pg)
+            if size == smallest:
+                raise ResourcesUnavailable(
+                    f"{_describe_request(scaling)}; after {self.placement_timeout_s:.0f} s the "
+                    f"cluster still could not place them (free now: "
+                    f"{_format_resources(ray.available_resources())}; total: "
+                    f"{_format_resources(total)}). Other jobs may hold the resources, or no "
+                    "single node fits one worker."
+                )
+            size -= 1
+
+    def _remove(self, pg: Any) -> None:
+        remove_placement_group(pg)
+        self.removed_pgs.append(pg)
+
+    def could_grow_to(self) -> int:
+        """The world size this group could have now, counting the free resources."""
+        release_leaked_bundles(self.removed_pgs)
+        free = fitting_workers(self.scaling.bundle(), ray.available_resources())
+        return min(self.scaling.num_workers, self.size + free)
 
     def _order_ranks(self, actors: list[Any], infos: list[dict[str, Any]]) -> None:
         """Ranks go by node, then by GPU id. The driver's node comes first when it hosts
@@ -238,13 +304,39 @@ class WorkerGroup:
             try:
                 ray.get(ready[0])
             except ray.exceptions.RayTaskError as error:
+                failure = self._lost_peer(error, rank_of[ready[0]], pending, rank_of)
                 self.shutdown(force=True)
+                if failure is not None:
+                    raise failure from error
                 raise _user_error(error) from None
             except ray.exceptions.RayError as error:
                 rank = rank_of[ready[0]]
                 self.shutdown(force=True)
                 raise WorkerFailure(self._death_message(rank, what, error), rank) from error
         return ray.get(list(refs))
+
+    def _lost_peer(
+        self, error: Any, rank: int, pending: list[Any], rank_of: dict[Any, int]
+    ) -> WorkerFailure | None:
+        """A rank whose collective broke because a peer died reports first, often before
+        Ray reports the death: look briefly for the dead rank and blame it."""
+        cause = _user_error(error)
+        if not collective_broke(cause):
+            return None
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=_PEER_DEATH_GRACE_S)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as death:
+                what = "a collective"
+                return WorkerFailure(self._death_message(rank_of[ref], what, death), rank_of[ref])
+            except ray.exceptions.RayError:
+                continue
+        return WorkerFailure(
+            f"rank {rank}'s collective broke ({str(cause).strip().splitlines()[0][:200]}): a "
+            "peer rank was lost or stopped answering; the worker group was stopped.",
+            rank,
+        )
 
     def _death_message(self, rank: int, what: str, error: Exception) -> str:
         info = self.infos[rank] if rank < len(self.infos) else {}
@@ -268,8 +360,27 @@ class WorkerGroup:
             self._storage_proxy = None
         self._storage_checked = False
         if self._pg is not None:
-            remove_placement_group(self._pg)
+            self._remove(self._pg)
         self._pg = None
+
+
+# What gloo and the TCP store say when a peer of a collective went away or never answered.
+_COLLECTIVE_BROKEN = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "Socket Timeout",
+)
+_PEER_DEATH_GRACE_S = 3.0  # how long Ray may take to report the death behind a broken collective
+
+
+def collective_broke(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):  # DistBackendError, DistNetworkError, DistStoreError
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _COLLECTIVE_BROKEN)
 
 
 def _user_error(error: Any) -> BaseException:

@@ -6,13 +6,17 @@ Lightning's rules, kept here in one place:
 - with both ``on_step`` and ``on_epoch``, loggers see ``name_step`` and ``name_epoch``
   and ``callback_metrics`` holds all three keys;
 - ``sync_dist`` reduces across ranks: at log time for step values, at epoch end for
-  epoch values (a mean becomes the global weighted mean).
+  epoch values (a mean becomes the global weighted mean);
+- a ``torchmetrics.Metric`` logs its ``forward`` value of the batch as the step value and
+  ``compute()`` (which syncs its states across ranks itself) as the epoch value; the loop
+  resets it once its epoch is over (``reset_metrics``).
 Values stay tensors on their device until the driver needs floats, so logging adds no
 host synchronisation to the per-batch path.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +100,8 @@ class _Entry:
     step_value: torch.Tensor | None = None
     total: torch.Tensor | None = None  # weighted sum for "mean", running value otherwise
     weight: float = 0.0
+    metric: Any = None  # a logged torchmetrics.Metric: it keeps its own epoch state
+    computed: torch.Tensor | None = None  # its compute(), until it is logged again
 
     @property
     def forked(self) -> bool:
@@ -143,7 +149,9 @@ class MetricLog:
         on_step = default_step if on_step is None else on_step
         on_epoch = default_epoch if on_epoch is None else on_epoch
         reduce_fx = _reduce_name(reduce_fx)
-        value = _to_scalar_tensor(name, value, self.device)
+        metric = value if _is_metric(value) else None
+        if metric is None:
+            value = _to_scalar_tensor(name, value, self.device)
         if add_dataloader_idx and self.dataloader_idx is not None:
             name = f"{name}/dataloader_idx_{self.dataloader_idx}"
 
@@ -151,6 +159,9 @@ class MetricLog:
         if entry is None:
             entry = _Entry(name, on_step, on_epoch, reduce_fx, sync_dist, prog_bar, logger)
             self._entries[name] = entry
+        if metric is not None:
+            self._log_metric(entry, metric)
+            return
         if on_step:
             step_value = value
             if sync_dist:
@@ -173,6 +184,24 @@ class MetricLog:
                     else (torch.minimum(entry.total, value))
                 )
 
+    @staticmethod
+    def _log_metric(entry: _Entry, metric: Any) -> None:
+        """Lightning's rules for a Metric: the step value is its latest ``forward`` result,
+        the epoch value its ``compute()``; ``sync_dist`` and ``reduce_fx`` do not apply."""
+        entry.metric, entry.computed = metric, None
+        if entry.on_step:
+            cache = metric._forward_cache  # None when only update() was called
+            if cache is not None:
+                entry.step_value = _metric_scalar(entry.name, cache, "forward")
+
+    def reset_metrics(self) -> None:
+        """Reset the Metric objects logged in this loop, as Lightning does once the loop's
+        epoch values are out."""
+        for entry in self._entries.values():
+            if entry.metric is not None:
+                entry.metric.reset()
+                entry.computed = None
+
     def step_metrics(
         self,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -194,11 +223,11 @@ class MetricLog:
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(callback, logger, progress bar) metrics at the end of the loop.
 
-        With ``sync_dist`` every rank must reach this point: it runs collectives.
+        With ``sync_dist`` or a Metric every rank must reach this point: it runs collectives.
         """
         callback, logged, bar = {}, {}, {}
         for entry in self._entries.values():
-            if not entry.on_epoch or entry.total is None:
+            if not entry.on_epoch or (entry.total is None and entry.metric is None):
                 continue
             value = self._epoch_value(entry)
             key = f"{entry.name}_epoch" if entry.forked else entry.name
@@ -210,6 +239,12 @@ class MetricLog:
         return callback, logged, bar
 
     def _epoch_value(self, entry: _Entry) -> torch.Tensor:
+        if entry.metric is not None:
+            # Cached: the epoch's metrics are read twice around on_train_epoch_end, and each
+            # compute() is a collective that every rank must run equally often.
+            if entry.computed is None:
+                entry.computed = _metric_scalar(entry.name, entry.metric.compute(), "compute")
+            return entry.computed
         if entry.reduce_fx != "mean":
             total = entry.total.clone()
             return self._all_reduce(total, entry.reduce_fx) if entry.sync_dist else total
@@ -243,9 +278,25 @@ def _to_scalar_tensor(name: str, value: Any, device: torch.device | None = None)
         value = value.detach().reshape(())
         return value if value.is_floating_point() else value.float()
     raise ValueError(
-        f"`self.log({name!r}, value)` got a {type(value).__name__}: log a number or a "
-        "one-element tensor."
+        f"`self.log({name!r}, value)` got a {type(value).__name__}: log a number, a "
+        "one-element tensor or a torchmetrics.Metric."
     )
+
+
+def _is_metric(value: Any) -> bool:
+    # A Metric exists only once torchmetrics is imported: no import needed to recognise one.
+    torchmetrics = sys.modules.get("torchmetrics")
+    return torchmetrics is not None and isinstance(value, torchmetrics.Metric)
+
+
+def _metric_scalar(name: str, value: Any, method: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise ValueError(
+            f"The `.{method}()` return of the metric logged as {name!r} must be a one-element "
+            f"tensor, got {value!r:.80}: log a metric that reduces to a scalar (e.g. "
+            "average='micro' or 'macro'), or log its values one by one."
+        )
+    return _to_scalar_tensor(name, value).clone()  # a state tensor may change in place later
 
 
 def to_floats(metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:

@@ -11,13 +11,24 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from raylight import hooks
 from raylight.config import MisconfigurationException
-from raylight.data import has_source, is_overridden, request_loaders, set_epoch, skip_batches
+from raylight.data import (
+    epoch_order,
+    has_source,
+    is_overridden,
+    remainder_loader,
+    remaining_after,
+    request_loaders,
+    set_epoch,
+    skip_batches,
+)
 from raylight.logging import MetricLog, to_floats
 from raylight.module import LightningModule, move_data_to_device
 from raylight.rank_trainer import RankTrainer
@@ -71,17 +82,24 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     # order of this epoch is fixed by (seed, epoch), so skipping the batches the checkpoint
     # had finished continues with exactly the next one. on_train_epoch_start already ran.
     skip, trainer._resume_batches = trainer._resume_batches, 0
+    # Resuming mid-epoch at another world size (beyond Lightning: elastic training): the
+    # rest of the epoch's samples are dealt out anew over this world (data.py explains how).
+    plan, trainer._resume_plan = trainer._resume_plan, None
+    trainer._epoch_order = None
+    if plan is not None:
+        loader, num_batches = _remainder_of_epoch(trainer, loader, epoch, plan)
+    mid_epoch = bool(skip) or plan is not None
     trainer._epoch_batches_done = False
     trainer._batches_done_at_step = skip
-    if not skip:
+    if not mid_epoch:
         hooks.call(trainer, "on_train_epoch_start")
     # Creating the iterator draws from the torch generator. A mid-epoch checkpoint's states
     # were taken after that draw, so they are restored after it; an epoch-end one before.
     resume_rng, trainer._resume_rng = trainer._resume_rng, None
-    if resume_rng is not None and not skip:
+    if resume_rng is not None and not mid_epoch:
         restore_rng(resume_rng)
     batches = iter(_limited(skip_batches(loader, skip), num_batches - skip))
-    if resume_rng is not None and skip:
+    if resume_rng is not None and mid_epoch:
         restore_rng(resume_rng)
     batch_idx = skip - 1
     for batch_idx, batch in enumerate(batches, start=skip):
@@ -98,7 +116,29 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     _step_schedulers(trainer, "epoch", epoch + 1, plateau=True)
     if logged:
         trainer._log_rows.append((trainer._batches_that_stepped - 1, _with_epoch(trainer, logged)))
+    results.reset_metrics()  # torchmetrics objects start the next epoch empty, as in Lightning
     return epoch_summary(trainer)
+
+
+def _remainder_of_epoch(
+    trainer: RankTrainer, loader: Any, epoch: int, plan: dict[str, Any]
+) -> tuple[Any, int | float]:
+    """This rank's loader for what a checkpoint from another world size left of ``epoch``."""
+    order = plan["order"]
+    if order is None and (plan["order_args"] is None or not isinstance(loader, DataLoader)):
+        warnings.warn(
+            f"epoch {epoch} was interrupted at world size {plan['world_size']} and resumes at "
+            f"{trainer.world_size}, but its loader has no DistributedSampler to re-partition "
+            "(an IterableDataset or a custom sampler): the epoch restarts from its first batch.",
+            stacklevel=2,
+        )
+        return loader, trainer.num_training_batches
+    if order is None:
+        order = epoch_order(len(loader.dataset), epoch, plan["world_size"], plan["order_args"])
+    remaining = remaining_after(order, plan["batches_done"], loader.batch_size, plan["world_size"])
+    trainer._epoch_order = remaining  # a checkpoint during this epoch records it
+    resumed = remainder_loader(loader, remaining, trainer.global_rank, trainer.world_size)
+    return resumed, len(resumed.batch_sampler)
 
 
 def _train_batch(
@@ -417,6 +457,7 @@ def run_evaluation(
             trainer._validation_has_run = trainer._validation_has_run or stage == "validate"
         hooks.call(trainer, f"on_{prefix}_end", part="before_monitors")
         hooks.call(trainer, f"on_{prefix}_end", part="monitors")
+        results.reset_metrics()
     hooks.call_module(trainer, f"on_{prefix}_model_train")
     if logged and not trainer.sanity_checking:
         trainer._log_rows.append((trainer._batches_that_stepped, _with_epoch(trainer, logged)))

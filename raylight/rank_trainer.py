@@ -134,6 +134,9 @@ class RankTrainer:
         self._epoch_batches_done = False  # the current epoch ran all of its batches
         self._batches_done_at_step = 0  # batches of this epoch up to its latest optimizer step
         self._resume_batches = 0  # batches of the first epoch a mid-epoch checkpoint finished
+        # A mid-epoch checkpoint from another world size: what the first epoch re-partitions.
+        self._resume_plan: dict[str, Any] | None = None
+        self._epoch_order: list[int] | None = None  # the samples of a re-partitioned epoch
         self._resume_rng: Any = None  # this rank's generator states from that checkpoint
         self.stage: str | None = None
         self.sanity_checking = False

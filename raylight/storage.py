@@ -227,6 +227,8 @@ def copy_tree(source: str, destination: str) -> None:
     target_fs, target_path = (
         _resolve(destination) if is_uri(destination) else (None, _local(destination))
     )
+    if target_fs is None:
+        os.makedirs(target_path, exist_ok=True)
     try:
         pafs.copy_files(
             source_path,

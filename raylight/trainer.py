@@ -12,8 +12,11 @@ import logging
 import os
 import socket
 import sys
+import time
+import uuid
 import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import ray
@@ -21,11 +24,13 @@ import torch
 from ray import cloudpickle
 
 from raylight import checkpoint, storage
-from raylight.callbacks import Callback, ModelCheckpoint
+from raylight.callbacks import Callback, ModelCheckpoint, ModelSummary
 from raylight.config import NO_TRAIN_LOADER, MisconfigurationException, make_config, make_scaling
+from raylight.controller import Controller
 from raylight.datamodule import LightningDataModule
 from raylight.group import WorkerGroup
-from raylight.loggers import CSVLogger, Logger
+from raylight.loggers import CSVLogger, Logger, TensorBoardLogger
+from raylight.loggers.tensorboard import tensorboard_available
 from raylight.module import LightningModule
 from raylight.seed import capture_rng
 
@@ -74,6 +79,10 @@ class Trainer:
         strategy: str | None = None,
         placement_timeout_s: float = 60.0,
         process_group_timeout_s: float = 1800.0,
+        max_failures: int = 0,
+        elastic_check_interval: float = 60.0,
+        recovery_every_n_train_steps: int | None = None,
+        recovery_train_time_interval: timedelta | None = None,
         ray_init_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.config = make_config(
@@ -123,7 +132,25 @@ class Trainer:
                 )
         self.enable_progress_bar = True if enable_progress_bar is None else enable_progress_bar
         self.enable_checkpointing = enable_checkpointing is not False
+        if enable_model_summary is not False and not any(
+            isinstance(cb, ModelSummary) for cb in self.callbacks
+        ):
+            self.callbacks.append(ModelSummary())  # Lightning's default; the driver prints it
         _add_default_checkpoint(self.callbacks, self.enable_checkpointing)
+        if max_failures < -1:
+            raise MisconfigurationException(
+                f"Trainer(max_failures={max_failures}): use 0 (no retries), a positive count, "
+                "or -1 (retry without limit)."
+            )
+        self.max_failures = max_failures
+        self.elastic_check_interval = elastic_check_interval
+        _add_recovery_checkpoint(
+            self.callbacks,
+            storage.join(self.config.default_root_dir, "recovery"),
+            max_failures,
+            recovery_every_n_train_steps,
+            recovery_train_time_interval,
+        )
         self.loggers = _resolve_loggers(logger, self.config.default_root_dir)
         self.placement_timeout_s = placement_timeout_s
         # Entry point: the environment is read here and nowhere deeper.
@@ -131,7 +158,9 @@ class Trainer:
         self._ray_init_kwargs = dict(ray_init_kwargs or {})
         self._group: WorkerGroup | None = None
         self._last_stage: str | None = None
-        self._shipped: tuple[Any, Any] | None = None
+        self._fit_start_step: int | None = None
+        self._expected_size = 0  # elastic: the size the next group should try first
+        self._removed_pgs: list[Any] = []  # placement groups whose removal may not have held
         self.lightning_module: LightningModule | None = None
         self.datamodule: LightningDataModule | None = None
         self.current_epoch = 0
@@ -153,10 +182,13 @@ class Trainer:
 
     @property
     def num_workers(self) -> int:
-        return self.scaling.num_workers
+        return self.world_size
 
     @property
     def world_size(self) -> int:
+        """The running group's size (an elastic group may run with fewer than its max)."""
+        if self._group is not None and self._group.actors:
+            return self._group.size
         return self.scaling.num_workers
 
     @property
@@ -182,25 +214,106 @@ class Trainer:
         _check_fit_inputs(model, train_dataloaders, datamodule)
         ckpt_path = self._resolve_ckpt_path(ckpt_path, "fit")
         loaders = {"train": train_dataloaders, "val": val_dataloaders}
+        for callback in self.callbacks:
+            callback._on_driver_fit_start(self, model)
         with self._logging_run():
-            group = self._prepare(model, datamodule, "fit", loaders, ckpt_path)
             if model.hparams and model._log_hyperparams:
                 for logger in self.loggers:
                     logger.log_hyperparams(dict(model.hparams))
-            self.should_stop = False
-            sanity_check = self.config.num_sanity_val_steps != 0 and not ckpt_path
-            self._absorb(group.run_on_all("fit_start", sanity_check)[0])
-            epoch = self.current_epoch
-            while not self._fit_done(epoch):
-                summary = group.run_on_all("train_epoch", epoch, what=f"epoch {epoch}")[0]
-                self._absorb(summary)
-                self._report_epoch(summary)
-                epoch += 1
-                self.current_epoch = epoch  # Lightning counts completed epochs once one ends
-            final = group.run_on_all("fit_end", what="fit end")[0]
+            final = self._fit_with_recovery(model, datamodule, loaders, ckpt_path)
         model.load_state_dict(final["state_dict"])
         for callback, trained in zip(self.callbacks, final["callbacks"], strict=True):
             callback.__dict__.update(trained.__dict__)
+
+    def _fit_with_recovery(
+        self,
+        model: LightningModule,
+        datamodule: Any,
+        loaders: dict[str, Any],
+        ckpt_path: str | None,
+    ) -> dict[str, Any]:
+        """Run the fit; after a system failure, start a new group from the run's latest
+        committed checkpoint, as often as ``max_failures`` allows."""
+        controller = Controller(self.max_failures)
+        self.config.run_id = uuid.uuid4().hex  # tags this fit's entries in the checkpoint index
+        resume, first_step = ckpt_path, None
+        while True:
+            try:
+                return self._fit_attempt(model, datamodule, loaders, resume)
+            except _Regroup as regroup:  # elastic growth: not a failure
+                self.shutdown()
+                resume, self._expected_size = regroup.checkpoint, regroup.size
+            except BaseException as error:
+                self.shutdown(force=True)  # no rank may outlive a failed attempt
+                controller.failed(error)  # re-raises what must not be retried
+                first_step = self._fit_start_step if first_step is None else first_step
+                resume, step = self._recovery_point(ckpt_path, first_step)
+                for logger in self.loggers:  # rows the resumed run will log again
+                    if hasattr(logger, "drop_rows_from"):
+                        logger.drop_rows_from(step)
+                warnings.warn(
+                    f"failure {len(controller.failures)} of the run "
+                    f"({controller.failures[-1]}); restarting the workers from "
+                    f"{storage.redact(resume) if resume else 'the start'} (global step {step}).",
+                    stacklevel=3,
+                )
+
+    def _fit_attempt(
+        self,
+        model: LightningModule,
+        datamodule: Any,
+        loaders: dict[str, Any],
+        ckpt_path: str | None,
+    ) -> dict[str, Any]:
+        self._fit_start_step = None
+        group = self._prepare(model, datamodule, "fit", loaders, ckpt_path)
+        self.should_stop = False
+        sanity_check = self.config.num_sanity_val_steps != 0 and not ckpt_path
+        self._absorb(group.run_on_all("fit_start", sanity_check)[0])
+        self._fit_start_step = self.global_step
+        epoch = self.current_epoch
+        checked = time.monotonic()
+        while not self._fit_done(epoch):
+            summary = group.run_on_all("train_epoch", epoch, what=f"epoch {epoch}")[0]
+            self._absorb(summary)
+            self._report_epoch(summary)
+            epoch += 1
+            self.current_epoch = epoch  # Lightning counts completed epochs once one ends
+            if time.monotonic() - checked >= self.elastic_check_interval:
+                checked = time.monotonic()
+                self._grow_if_possible(group)
+        return group.run_on_all("fit_end", what="fit end")[0]
+
+    def _grow_if_possible(self, group: WorkerGroup) -> None:
+        """At an epoch boundary: when resources for more workers have returned, checkpoint
+        and restart the group bigger (within the elastic max)."""
+        if not self.scaling.elastic or self._fit_done(self.current_epoch):
+            return
+        target = group.could_grow_to()
+        if target <= group.size:
+            return
+        root = self.config.default_root_dir
+        path = storage.join(root, "recovery", f"resize-epoch={self.current_epoch}.ckpt")
+        group.run_on_all("save_checkpoint", path, False, what="resize checkpoint")
+        entry = {"path": path, "epoch": self.current_epoch, "global_step": self.global_step}
+        entry |= {"run": self.config.run_id, "time": time.time(), "monitor": None, "score": None}
+        checkpoint.update_index(root, entry, [])
+        warnings.warn(
+            f"resources for {target} workers are free (running {group.size}): restarting the "
+            f"group bigger from {storage.redact(path)}.",
+            stacklevel=4,
+        )
+        raise _Regroup(path, target)
+
+    def _recovery_point(
+        self, ckpt_path: str | None, first_step: int | None
+    ) -> tuple[str | None, int]:
+        """The latest full checkpoint this fit committed, with its global step; else where
+        the fit started (``ckpt_path`` or the beginning)."""
+        entry = checkpoint.latest_of_run(self.config.default_root_dir, self.config.run_id)
+        if entry is not None:
+            return entry["path"], entry["global_step"]
+        return ckpt_path, first_step or 0
 
     def validate(
         self,
@@ -250,10 +363,10 @@ class Trainer:
             "save_checkpoint", storage.absolute(os.fspath(filepath)), weights_only
         )
 
-    def shutdown(self) -> None:
+    def shutdown(self, force: bool = False) -> None:
         """Stop the workers. The Trainer does this itself when it is garbage-collected."""
         if self._group is not None:
-            self._group.shutdown()
+            self._group.shutdown(force=force)
             self._group = None
 
     def __del__(self) -> None:
@@ -265,7 +378,12 @@ class Trainer:
 
     @property
     def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
-        return [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+        """The user's ModelCheckpoints (the run's own recovery checkpoints are not among them)."""
+        return [
+            cb
+            for cb in self.callbacks
+            if isinstance(cb, ModelCheckpoint) and not getattr(cb, "_recovery", False)
+        ]
 
     @property
     def checkpoint_callback(self) -> ModelCheckpoint | None:
@@ -378,7 +496,7 @@ class Trainer:
         """Start the workers if needed, then ship this call's objects to them once."""
         self.lightning_module, self.datamodule = model, datamodule
         self._last_stage = stage
-        for callback in self.checkpoint_callbacks:
+        for callback in (cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)):
             # Lightning's default: the logger's version directory, else default_root_dir.
             if callback.dirpath is None:
                 root = self.log_dir if self.loggers else self.config.default_root_dir
@@ -418,6 +536,8 @@ class Trainer:
         self._connect()
         # Held before it starts, so that shutdown() reaches a half-started group too.
         group = self._group = self.worker_group_cls(self.scaling, self.placement_timeout_s)
+        group.expected_size, self._expected_size = self._expected_size, 0
+        group.removed_pgs = self._removed_pgs  # shared across this Trainer's groups
         backend = "nccl" if self.scaling.use_gpu else "gloo"
         try:
             group.start(
@@ -500,6 +620,12 @@ class Trainer:
         )
 
 
+class _Regroup(Exception):  # noqa: N818 - a signal inside the fit loop, not an error
+    def __init__(self, checkpoint: str, size: int) -> None:
+        super().__init__(checkpoint)
+        self.checkpoint, self.size = checkpoint, size
+
+
 # ---- checks -------------------------------------------------------------------------------------
 def _check_fit_inputs(model: Any, train_dataloaders: Any, datamodule: Any) -> None:
     if not isinstance(model, LightningModule):
@@ -539,9 +665,40 @@ def _add_default_checkpoint(callbacks: list[Callback], enabled: bool) -> None:
         callbacks.append(ModelCheckpoint())
 
 
+def _add_recovery_checkpoint(
+    callbacks: list[Callback],
+    dirpath: str,
+    max_failures: int,
+    every_n_train_steps: int | None,
+    train_time_interval: timedelta | None,
+) -> None:
+    """Fault tolerance needs periodic full checkpoints: when none are configured (or a
+    recovery interval is asked for), the run takes its own, apart from the user's top k."""
+    if max_failures == 0:
+        return
+    periodic = any(
+        isinstance(cb, ModelCheckpoint) and not cb.save_weights_only and cb.save_top_k != 0
+        for cb in callbacks
+    )
+    if periodic and every_n_train_steps is None and train_time_interval is None:
+        return
+    recovery = ModelCheckpoint(
+        dirpath=dirpath,
+        filename="recovery-{epoch}-{step}",
+        save_top_k=1,
+        every_n_train_steps=every_n_train_steps,
+        train_time_interval=train_time_interval,
+        save_on_train_epoch_end=True,
+    )
+    recovery._recovery = True  # kept out of checkpoint_callback(s) and out of "best"
+    callbacks.append(recovery)
+
+
 def _resolve_loggers(logger: Any, default_root_dir: str) -> list[Logger]:
     """Lightning's rules: True/None gives the default logger, False none, else the given ones."""
     if logger is None or logger is True:
+        if tensorboard_available():  # as Lightning: TensorBoard when installed, else CSV
+            return [TensorBoardLogger(save_dir=default_root_dir)]
         return [CSVLogger(save_dir=default_root_dir)]
     if logger is False:
         return []

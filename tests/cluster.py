@@ -44,6 +44,7 @@ class LocalCluster:
         self.port = _free_port()
         self.address = ""
         self.nodes: list[subprocess.Popen] = []
+        self.killed: list[subprocess.Popen] = []
 
     def env(self) -> dict[str, str]:
         """The environment of a driver process that joins this cluster."""
@@ -59,21 +60,29 @@ class LocalCluster:
                 f"--temp-dir={self.temp_dir}",
             ],
             hide=(),
+            env={},
         )
         self.address = f"{ray.util.get_node_ip_address()}:{self.port}"
         self._wait_for_nodes(1)
 
     def add_node(
-        self, num_cpus: int, resources: dict[str, float] | None = None, hide: tuple[str, ...] = ()
+        self,
+        num_cpus: int,
+        resources: dict[str, float] | None = None,
+        hide: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen:
+        """A worker node; ``env`` reaches the processes of its workers."""
         args = [f"--address={self.address}", f"--num-cpus={num_cpus}"]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
-        node = self._start(args, hide)
-        self._wait_for_nodes(len(self.nodes))
+        node = self._start(args, hide, env or {})
+        self._wait_for_nodes(len(self._alive()))
         return node
 
-    def _start(self, args: list[str], hide: tuple[str, ...]) -> subprocess.Popen:
+    def _start(
+        self, args: list[str], hide: tuple[str, ...], env: dict[str, str]
+    ) -> subprocess.Popen:
         command = [
             sys.executable,
             "-m",
@@ -89,7 +98,11 @@ class LocalCluster:
                        f'{mounts} && exec "$@"', "sh", *command]  # fmt: skip
         log = open(os.path.join(self.temp_dir, f"node-{len(self.nodes)}.log"), "wb")
         node = subprocess.Popen(
-            command, env={**os.environ, **TOKEN_ENV}, stdout=log, stderr=log, start_new_session=True
+            command,
+            env={**os.environ, **TOKEN_ENV, **env},
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         self.nodes.append(node)
         return node
@@ -98,7 +111,7 @@ class LocalCluster:
         script = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            dead = [n.args for n in self.nodes if n.poll() is not None]
+            dead = [n.args for n in self._alive() if n.poll() is not None]
             assert not dead, f"a Ray node exited while starting; logs in {self.temp_dir}"
             result = subprocess.run(
                 [sys.executable, "-c", script], env=self.env(), capture_output=True, text=True
@@ -108,8 +121,12 @@ class LocalCluster:
             time.sleep(1)
         raise TimeoutError(f"{count} Ray nodes did not come up in {timeout_s} s: {self.temp_dir}")
 
+    def _alive(self) -> list[subprocess.Popen]:
+        return [n for n in self.nodes if n not in self.killed]
+
     def kill_node(self, node: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         """Kill one node's whole process tree (its raylet and its workers)."""
+        self.killed.append(node)
         try:
             os.killpg(node.pid, sig)
         except ProcessLookupError:

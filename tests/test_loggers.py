@@ -1,4 +1,5 @@
-"""Loggers run on the driver: CSVLogger's layout, rows every log_every_n_steps, hparams."""
+"""Loggers run on the driver: CSVLogger's and TensorBoardLogger's layouts, rows every
+log_every_n_steps, hparams, and Lightning's choice of the default logger."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import csv
 import pytest
 import yaml
 from models import Classifier, loader
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import raylight as pl
-from raylight.loggers import CSVLogger
+import raylight.trainer
+from raylight import storage
+from raylight.loggers import CSVLogger, TensorBoardLogger
 
 
 def test_csv_logger_layout_and_growing_header(tmp_path):
@@ -31,12 +35,13 @@ def test_csv_logger_layout_and_growing_header(tmp_path):
 
 
 @pytest.mark.slow
-def test_trainer_default_logger_writes_lightning_rows(ray_session, tmp_path):
+def test_trainer_csv_logger_writes_lightning_rows(ray_session, tmp_path):
     trainer = pl.Trainer(
         num_workers=2,
         max_epochs=2,
         log_every_n_steps=2,
         default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path),
         enable_progress_bar=False,
         enable_checkpointing=False,
     )
@@ -59,3 +64,94 @@ def test_logger_false_and_custom_loggers(tmp_path):
     assert pl.Trainer(logger=[custom]).logger is custom
     with pytest.raises(ValueError, match="a logger needs log_metrics"):
         pl.Trainer(logger=object())
+
+
+def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in the event files of ``folder``, as (step, value) pairs."""
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {
+        tag: [(event.step, round(event.value, 6)) for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
+
+
+def test_tensorboard_logger_layout_prefix_and_hparams(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="runs", prefix="fold0", sub_dir="extra")
+    logger.log_hyperparams({"lr": 0.1, "net": {"depth": 2}, "layers": (1, 2)})
+    logger.log_metrics({"loss": 1.5}, step=0)
+    logger.log_metrics({"loss": 0.5, "acc": 0.75}, step=1)
+    logger.finalize("success")
+    log_dir = tmp_path / "runs" / "version_0" / "extra"
+    assert logger.log_dir == str(log_dir)
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    assert _scalars(log_dir) == {
+        "fold0-hp_metric": [(0, -1.0)],  # Lightning's placeholder, under the prefix too
+        "fold0-loss": [(0, 1.5), (1, 0.5)],
+        "fold0-acc": [(1, 0.75)],
+    }
+    assert yaml.safe_load(open(log_dir / "hparams.yaml")) == {
+        "lr": 0.1,
+        "net": {"depth": 2},
+        "layers": [1, 2],
+    }
+    assert TensorBoardLogger(tmp_path, name="runs").version == 1
+    quiet = TensorBoardLogger(tmp_path, name="", version="named", default_hp_metric=False)
+    quiet.log_hyperparams({"lr": 0.2})
+    quiet.finalize("success")
+    assert quiet.log_dir == str(tmp_path / "named")
+    assert _scalars(tmp_path / "named") == {}  # no hp_metric without default_hp_metric
+    assert yaml.safe_load(open(tmp_path / "named" / "hparams.yaml")) == {"lr": 0.2}
+
+
+@pytest.mark.slow
+def test_tensorboard_logger_writes_to_a_storage_uri(s3_server, tmp_path):
+    logger = TensorBoardLogger(s3_server, name="tb")
+    logger.log_hyperparams({"lr": 0.1})
+    logger.log_metrics({"loss": 2.0}, step=3)
+    logger.finalize("success")
+    assert logger.log_dir == storage.join(s3_server, "tb", "version_0")
+    (tmp_path / "copy").mkdir()  # copy_tree into a local folder needs the folder
+    storage.copy_tree(logger.log_dir, str(tmp_path / "copy"))
+    assert _scalars(tmp_path / "copy") == {"hp_metric": [(0, -1.0)], "loss": [(3, 2.0)]}
+    assert yaml.safe_load(open(tmp_path / "copy" / "hparams.yaml")) == {"lr": 0.1}
+    # A later Trainer call logs to a new event file in the same version folder.
+    logger.log_metrics({"test_acc": 0.5}, step=4)
+    logger.finalize("success")
+    (tmp_path / "again").mkdir()
+    storage.copy_tree(logger.log_dir, str(tmp_path / "again"))
+    assert _scalars(tmp_path / "again")["test_acc"] == [(4, 0.5)]
+    assert TensorBoardLogger(s3_server, name="tb").version == 1
+
+
+def test_default_logger_is_tensorboard_when_installed_else_csv(tmp_path, monkeypatch):
+    default = pl.Trainer(default_root_dir=tmp_path).logger
+    assert isinstance(default, TensorBoardLogger)
+    assert default.log_dir == str(tmp_path / "lightning_logs" / "version_0")
+    monkeypatch.setattr(raylight.trainer, "tensorboard_available", lambda: False)
+    assert isinstance(pl.Trainer(default_root_dir=tmp_path, logger=True).logger, CSVLogger)
+
+
+@pytest.mark.slow
+def test_trainer_default_tensorboard_logger_writes_lightning_steps(ray_session, tmp_path):
+    trainer = pl.Trainer(
+        num_workers=2,
+        max_epochs=2,
+        log_every_n_steps=2,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Classifier(), loader(), loader())
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    assert trainer.log_dir == str(log_dir)
+    scalars = _scalars(log_dir)
+    assert [step for step, _ in scalars["train_loss"]] == [1, 3, 5, 7]
+    assert [step for step, _ in scalars["val_loss"]] == [4, 8]
+    assert (4, 0.0) in scalars["epoch"] and (8, 1.0) in scalars["epoch"]
+    assert scalars["hp_metric"] == [(0, -1.0)]
+    assert trainer.callback_metrics["val_loss"].item() == pytest.approx(
+        scalars["val_loss"][-1][1], abs=1e-6
+    )
+    hparams = yaml.safe_load(open(log_dir / "hparams.yaml"))
+    assert hparams == {"features": 8, "classes": 3, "lr": 0.1}

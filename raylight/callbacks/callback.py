@@ -94,6 +94,10 @@ class Callback:
         self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]
     ) -> None: ...
 
+    def _on_driver_fit_start(self, trainer: Any, model: Any) -> None:
+        """Runs on the driver when ``fit`` starts, with the driver's Trainer and module
+        (``ModelSummary`` prints its table here); every other hook runs on the workers."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

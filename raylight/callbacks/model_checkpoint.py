@@ -189,6 +189,8 @@ class ModelCheckpoint(Callback):
             "monitor": self.monitor if monitor is ... else monitor,
             "score": score,
             "time": time.time(),
+            "run": trainer.config.run_id,
+            "weights_only": self.save_weights_only,
         }
         root, verbose = trainer.default_root_dir, self.verbose
 

@@ -2,5 +2,6 @@
 
 from raylight.loggers.csv_logs import CSVLogger
 from raylight.loggers.logger import Logger
+from raylight.loggers.tensorboard import TensorBoardLogger
 
-__all__ = ["CSVLogger", "Logger"]
+__all__ = ["CSVLogger", "Logger", "TensorBoardLogger"]

@@ -66,12 +66,19 @@ class CSVLogger(Logger):
         storage.write_bytes(storage.join(self.log_dir, "hparams.yaml"), text.encode())
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        row = {f"{self._prefix}{k}" if self._prefix else k: v for k, v in metrics.items()}
+        row = {f"{self._prefix}-{k}" if self._prefix else k: v for k, v in metrics.items()}
         row["step"] = step
         self._rows.append(row)
         self._unsaved += 1
         if self._unsaved >= self._flush_every:
             self.save()
+
+    def drop_rows_from(self, step: int) -> None:
+        """Forget the rows of ``step`` and later: a run restarted from a checkpoint at
+        ``step`` logs them again, and the file keeps one row per step."""
+        kept = [row for row in self._rows if row["step"] is None or row["step"] < step]
+        self._unsaved += len(self._rows) - len(kept)
+        self._rows = kept
 
     def save(self) -> None:
         """Write metrics.csv whole (atomically, to a path or storage URI); its header holds

@@ -1,0 +1,156 @@
+"""The training job the multi-node fault tests run as a driver process of their own cluster.
+
+``python elastic_job.py SCENARIO WORKDIR`` prints one ``REPORT {json}`` line. The test
+process kills and adds nodes when the job leaves marker files in WORKDIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from models import Classifier, IndexedDataset
+from torch.utils.data import DataLoader
+
+import raylight as pl
+
+NODE = "RAYLIGHT_TEST_NODE"  # set in each test node's environment
+
+
+def _wait_for(path: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+class SampleRecorder(pl.Callback):
+    """Every sample id trained on, per epoch, across all ranks; saved in checkpoints, so a
+    resumed run continues the record of the checkpoint it resumed from."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[int]] = {}
+        self.world_sizes: dict[int, list[int]] = {}  # the world sizes each epoch ran at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        gathered: list = [None] * trainer.world_size
+        dist.all_gather_object(gathered, batch[2].tolist())
+        epoch = trainer.current_epoch
+        self.seen.setdefault(epoch, []).extend(i for ids in gathered for i in ids)
+        sizes = self.world_sizes.setdefault(epoch, [])
+        if trainer.world_size not in sizes:
+            sizes.append(trainer.world_size)
+
+    def state_dict(self):
+        return {"seen": self.seen, "world_sizes": self.world_sizes}
+
+    def load_state_dict(self, state):
+        self.seen, self.world_sizes = state["seen"], state["world_sizes"]
+
+
+class NodeKiller(Classifier):
+    """At ``step``, on node ``node`` (or rank 0's node when None): leave a marker naming the
+    node, then wait to be killed."""
+
+    def __init__(self, workdir: str, node: str | None, step: int) -> None:
+        super().__init__()
+        self.workdir, self.node, self.step = workdir, node, step
+
+    def training_step(self, batch, batch_idx):
+        marker = os.path.join(self.workdir, "kill-node")
+        here = os.environ.get(NODE)
+        chosen = here == self.node if self.node else self.global_rank == 0
+        if self.trainer.global_step == self.step and chosen:
+            if not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write(here)
+                time.sleep(120)  # the test kills this whole node meanwhile
+        return super().training_step(batch, batch_idx)
+
+
+class WaitsForNodeBack(pl.Callback):
+    """With one worker left, hold the first epoch end until the test has added a node back."""
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.world_size == 1:
+            shrunk = os.path.join(self.workdir, "shrunk")
+            if not os.path.exists(shrunk):
+                open(shrunk, "w").close()
+                _wait_for(os.path.join(self.workdir, "node-back"))
+
+
+def _loader() -> DataLoader:
+    return DataLoader(IndexedDataset(64), batch_size=4)
+
+
+def node_loss(workdir: str) -> dict:
+    """2 workers on one node; that node dies; the run finishes on the other node."""
+    pl.seed_everything(0)
+    reference = Classifier()
+    options = dict(num_workers=2, max_epochs=3, logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(default_root_dir=os.path.join(workdir, "reference"), **options)
+    trainer.fit(reference, _loader())
+    trainer.shutdown()
+    pl.seed_everything(0)
+    model = NodeKiller(workdir, node=None, step=10)  # epoch 1, batch 2
+    recorder = SampleRecorder()
+    trainer = pl.Trainer(
+        default_root_dir=os.path.join(workdir, "run"),
+        max_failures=1,
+        callbacks=[recorder],
+        **options,
+    )
+    started = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, _loader())
+    exact = all(torch.equal(model.state_dict()[k], v) for k, v in reference.state_dict().items())
+    return {
+        "steps": trainer.global_step,
+        "exact": exact,
+        "seen": recorder.seen,
+        "world_sizes": recorder.world_sizes,
+        "restarts": [str(w.message) for w in caught if "failure" in str(w.message)],
+        "seconds": time.monotonic() - started,
+    }
+
+
+def shrink_and_grow(workdir: str) -> dict:
+    """Elastic (1, 2): one worker per node; one node dies mid-epoch (the run goes on with one
+    worker, re-partitioning the epoch's rest), then comes back (the run grows to two)."""
+    recorder = SampleRecorder()
+    trainer = pl.Trainer(
+        num_workers=(1, 2),
+        max_epochs=4,
+        max_failures=1,
+        elastic_check_interval=0,
+        recovery_every_n_train_steps=2,
+        enable_checkpointing=False,
+        default_root_dir=os.path.join(workdir, "run"),
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[recorder, WaitsForNodeBack(workdir)],
+    )
+    model = NodeKiller(workdir, node="c", step=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, _loader())
+    return {
+        "steps": trainer.global_step,
+        "seen": recorder.seen,
+        "world_sizes": recorder.world_sizes,
+        "messages": [str(w.message) for w in caught],
+    }
+
+
+if __name__ == "__main__":
+    scenario, workdir = sys.argv[1], sys.argv[2]
+    report = {"node_loss": node_loss, "shrink_and_grow": shrink_and_grow}[scenario](workdir)
+    print("REPORT " + json.dumps(report), flush=True)
