@@ -71,6 +71,7 @@ def release_leaked_bundles(removed: list[Any]) -> None:
     """
     if not removed:
         return
+
     def held() -> str:
         return " ".join(k for k in ray.available_resources() if k.startswith("bundle_group_"))
 
@@ -304,7 +305,7 @@ class WorkerGroup:
             try:
                 ray.get(ready[0])
             except ray.exceptions.RayTaskError as error:
-                failure = self._lost_peer(error, rank_of[ready[0]], pending, rank_of)
+                failure = self._lost_peer(error, rank_of[ready[0]], pending, rank_of, what)
                 self.shutdown(force=True)
                 if failure is not None:
                     raise failure from error
@@ -316,7 +317,7 @@ class WorkerGroup:
         return ray.get(list(refs))
 
     def _lost_peer(
-        self, error: Any, rank: int, pending: list[Any], rank_of: dict[Any, int]
+        self, error: Any, rank: int, pending: list[Any], rank_of: dict[Any, int], what: str
     ) -> WorkerFailure | None:
         """A rank whose collective broke because a peer died reports first, often before
         Ray reports the death: look briefly for the dead rank and blame it."""
@@ -328,13 +329,13 @@ class WorkerGroup:
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError as death:
-                what = "a collective"
                 return WorkerFailure(self._death_message(rank_of[ref], what, death), rank_of[ref])
             except ray.exceptions.RayError:
                 continue
         return WorkerFailure(
-            f"rank {rank}'s collective broke ({str(cause).strip().splitlines()[0][:200]}): a "
-            "peer rank was lost or stopped answering; the worker group was stopped.",
+            f"rank {rank}'s collective broke during {what} "
+            f"({str(cause).strip().splitlines()[0][:200]}): a peer rank was lost or stopped "
+            "answering; the worker group was stopped.",
             rank,
         )
 
