@@ -291,11 +291,15 @@ class WorkerGroup:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            # In slices: Python runs signal handlers (Ctrl-C, SIGTERM) only between them.
+            wait_s = _SIGNAL_SLICE_S if remaining is None else min(remaining, _SIGNAL_SLICE_S)
             try:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+                ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
             except BaseException:  # Ctrl-C: never leave ranks running on their own
                 self.shutdown(force=True)
                 raise
+            if not ready and (deadline is None or time.monotonic() < deadline):
+                continue
             if not ready:
                 self.shutdown(force=True)
                 raise TimeoutError(
@@ -373,6 +377,7 @@ _COLLECTIVE_BROKEN = (
     "Timed out waiting",
     "Socket Timeout",
 )
+_SIGNAL_SLICE_S = 0.5
 _PEER_DEATH_GRACE_S = 3.0  # how long Ray may take to report the death behind a broken collective
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 import warnings
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from raylight import hooks
+from raylight import checkpoint, hooks, storage
 from raylight.config import MisconfigurationException
 from raylight.data import (
     epoch_order,
@@ -106,6 +107,8 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
         if not _train_batch(trainer, results, batch, batch_idx, num_batches, val_every):
             break
     trainer._epoch_batches_done = batch_idx + 1 == num_batches
+    if trainer._stopped_at is not None:
+        return epoch_summary(trainer)  # the epoch is not over: no epoch-end hooks
     # Callbacks see the epoch's values in on_train_epoch_end; monitoring callbacks also see
     # what the module logged there.
     _merge_metrics(trainer, *results.epoch_metrics())
@@ -184,6 +187,13 @@ def _train_batch(
     if stepped:
         _step_schedulers(trainer, "step", batch_idx + 1, plateau=True)
     trainer._batch_idx = None
+    if (
+        stepped
+        and trainer._stop_check is not None
+        and trainer._stop_check.should_stop(trainer.device)
+    ):
+        _save_and_stop(trainer)  # preempted: the ranks agreed on this batch
+        return False
     # A validation may itself have asked to stop (EarlyStopping): Lightning stops right after it.
     stopping = trainer.should_stop and epoch >= trainer.config.min_epochs
     return not (stopping or _max_steps_reached(trainer))
@@ -206,9 +216,28 @@ def epoch_summary(trainer: RankTrainer) -> dict[str, Any]:
         "logged_metrics": to_floats(trainer.logged_metrics),
         "progress_bar_metrics": to_floats(trainer.progress_bar_metrics),
         "log_rows": list(trainer._log_rows),
+        "stopped_at": trainer._stopped_at,
     }
     trainer._log_rows.clear()
+    trainer._stopped_at = None
     return summary
+
+
+def _save_and_stop(trainer: RankTrainer) -> None:
+    """Save where the ranks stopped (every rank takes part), committed before returning."""
+    root = trainer.default_root_dir
+    path = storage.join(
+        root, "recovery", f"stopped-epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
+    )
+    entry = {"path": path, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+    entry |= {"run": trainer.config.run_id, "monitor": None, "score": None}
+
+    def commit() -> None:
+        checkpoint.update_index(root, entry | {"time": time.time()}, [])
+
+    checkpoint.save_from_rank(trainer, path, on_commit=commit if trainer.is_global_zero else None)
+    trainer._writer.wait()
+    trainer._stopped_at = path
 
 
 # ---- one training batch -------------------------------------------------------------------

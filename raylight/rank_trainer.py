@@ -137,6 +137,8 @@ class RankTrainer:
         # A mid-epoch checkpoint from another world size: what the first epoch re-partitions.
         self._resume_plan: dict[str, Any] | None = None
         self._epoch_order: list[int] | None = None  # the samples of a re-partitioned epoch
+        self._stop_check: Any = None  # preemption.StopCheck during fit
+        self._stopped_at: str | None = None  # the checkpoint of a clean early stop
         self._resume_rng: Any = None  # this rank's generator states from that checkpoint
         self.stage: str | None = None
         self.sanity_checking = False

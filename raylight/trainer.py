@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -32,6 +34,7 @@ from raylight.group import WorkerGroup
 from raylight.loggers import CSVLogger, Logger, TensorBoardLogger
 from raylight.loggers.tensorboard import tensorboard_available
 from raylight.module import LightningModule
+from raylight.preemption import StopFlag
 from raylight.seed import capture_rng
 
 _STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"}
@@ -161,6 +164,8 @@ class Trainer:
         self._fit_start_step: int | None = None
         self._expected_size = 0  # elastic: the size the next group should try first
         self._removed_pgs: list[Any] = []  # placement groups whose removal may not have held
+        self._stop_flag: Any = None  # preemption.StopFlag actor while a fit's group runs
+        self._signalled: int | None = None  # the signal that asked this fit to stop
         self.lightning_module: LightningModule | None = None
         self.datamodule: LightningDataModule | None = None
         self.current_epoch = 0
@@ -237,26 +242,28 @@ class Trainer:
         controller = Controller(self.max_failures)
         self.config.run_id = uuid.uuid4().hex  # tags this fit's entries in the checkpoint index
         resume, first_step = ckpt_path, None
-        while True:
-            try:
-                return self._fit_attempt(model, datamodule, loaders, resume)
-            except _Regroup as regroup:  # elastic growth: not a failure
-                self.shutdown()
-                resume, self._expected_size = regroup.checkpoint, regroup.size
-            except BaseException as error:
-                self.shutdown(force=True)  # no rank may outlive a failed attempt
-                controller.failed(error)  # re-raises what must not be retried
-                first_step = self._fit_start_step if first_step is None else first_step
-                resume, step = self._recovery_point(ckpt_path, first_step)
-                for logger in self.loggers:  # rows the resumed run will log again
-                    if hasattr(logger, "drop_rows_from"):
-                        logger.drop_rows_from(step)
-                warnings.warn(
-                    f"failure {len(controller.failures)} of the run "
-                    f"({controller.failures[-1]}); restarting the workers from "
-                    f"{storage.redact(resume) if resume else 'the start'} (global step {step}).",
-                    stacklevel=3,
-                )
+        self._connect()  # before our signal handlers: ray.init installs its own
+        with self._stop_on_signals():
+            while True:
+                try:
+                    return self._fit_attempt(model, datamodule, loaders, resume)
+                except _Regroup as regroup:  # elastic growth: not a failure
+                    self.shutdown()
+                    resume, self._expected_size = regroup.checkpoint, regroup.size
+                except BaseException as error:
+                    self.shutdown(force=True)  # no rank may outlive a failed attempt
+                    controller.failed(error)  # re-raises what must not be retried
+                    first_step = self._fit_start_step if first_step is None else first_step
+                    resume, step = self._recovery_point(ckpt_path, first_step)
+                    for logger in self.loggers:  # rows the resumed run will log again
+                        if hasattr(logger, "drop_rows_from"):
+                            logger.drop_rows_from(step)
+                    warnings.warn(
+                        f"failure {len(controller.failures)} of the run "
+                        f"({controller.failures[-1]}); restarting the workers from "
+                        f"{storage.redact(resume) if resume else 'the start'} (global step {step}).",
+                        stacklevel=3,
+                    )
 
     def _fit_attempt(
         self,
@@ -276,6 +283,8 @@ class Trainer:
         while not self._fit_done(epoch):
             summary = group.run_on_all("train_epoch", epoch, what=f"epoch {epoch}")[0]
             self._absorb(summary)
+            if summary["stopped_at"]:
+                self._after_clean_stop(summary["stopped_at"])
             self._report_epoch(summary)
             epoch += 1
             self.current_epoch = epoch  # Lightning counts completed epochs once one ends
@@ -283,6 +292,54 @@ class Trainer:
                 checked = time.monotonic()
                 self._grow_if_possible(group)
         return group.run_on_all("fit_end", what="fit end")[0]
+
+    def _after_clean_stop(self, path: str) -> None:
+        """The ranks stopped at a batch and saved ``path``: exit when the driver was
+        signalled, else (a worker's node was being preempted) go on from there."""
+        self.shutdown()
+        if self._signalled is None:
+            warnings.warn(
+                f"a worker was asked to stop (SIGTERM on its node); the run saved "
+                f"{storage.redact(path)} and continues from it on a new group.",
+                stacklevel=4,
+            )
+            raise _Regroup(path, 0)
+        name = signal.Signals(self._signalled).name
+        print(
+            f"{name}: saved {path} at global step {self.global_step}; resume with "
+            'trainer.fit(..., ckpt_path="last").',
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(1)  # as Lightning after a graceful shutdown
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM during fit ask the ranks to stop at an agreed batch and save a
+        checkpoint; a second signal stops at once."""
+        self._signalled = None
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers belong to the main thread
+            return
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if self._signalled is not None or self._stop_flag is None:
+                raise KeyboardInterrupt
+            self._signalled = signum
+            self._stop_flag.set.remote()
+            print(
+                f"{signal.Signals(signum).name}: stopping at the next agreed batch and saving "
+                "a checkpoint (signal again to stop at once).",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _grow_if_possible(self, group: WorkerGroup) -> None:
         """At an epoch boundary: when resources for more workers have returned, checkpoint
@@ -368,11 +425,14 @@ class Trainer:
         if self._group is not None:
             self._group.shutdown(force=force)
             self._group = None
+        if self._stop_flag is not None and ray.is_initialized():
+            ray.kill(self._stop_flag, no_restart=True)
+        self._stop_flag = None
 
     def __del__(self) -> None:
         try:
-            if self._group is not None and ray.is_initialized():
-                self._group.shutdown(force=True)
+            if ray.is_initialized():
+                self.shutdown(force=True)
         except Exception:  # interpreter shutdown: Ray may already be gone
             pass
 
@@ -515,6 +575,8 @@ class Trainer:
                 stacklevel=3,
             )
         self.config.global_seed = _global_seed()
+        if stage == "fit" and self._stop_flag is None:
+            self._stop_flag = ray.remote(StopFlag).options(num_cpus=0).remote()
         job = {
             "stage": stage,
             "config": self.config,
@@ -525,6 +587,7 @@ class Trainer:
             "loaders": loaders,
             "ckpt_path": os.fspath(ckpt_path) if ckpt_path else None,
             "rng_states": capture_rng(),
+            "stop_flag": self._stop_flag if stage == "fit" else None,
         }
         job_ref = _put_checked(job)
         group.run_on_all("setup", job_ref, what=f"{stage} setup")

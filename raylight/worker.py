@@ -8,6 +8,7 @@ checkpoint restore; the loops then run in ``loops.py``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -27,6 +28,7 @@ from raylight.config import MisconfigurationException, TrainerConfig
 from raylight.data import request_loaders
 from raylight.module import LightningModule
 from raylight.optim import LightningOptimizer, parse_optimizers
+from raylight.preemption import StopCheck
 from raylight.rank_trainer import RankTrainer
 from raylight.seed import restore_rng
 
@@ -178,6 +180,9 @@ class Worker:
         module.to(device)
         module._device = device
         if stage == "fit":
+            trainer._stop_check = StopCheck(job.get("stop_flag"), trainer.world_size)
+            with contextlib.suppress(ValueError):  # signals reach only the main thread
+                trainer._stop_check.install_sigterm()
             trainer.model = DistributedDataParallel(
                 _TrainingStepModule(module, trainer),
                 device_ids=[device.index] if device.type == "cuda" else None,
