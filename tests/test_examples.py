@@ -53,3 +53,24 @@ def test_mnist_example_on_generated_idx_files(tmp_path):
         ]
     )
     assert _accuracy(output) >= 0.9
+
+
+def test_elastic_example_recovers_from_a_killed_worker(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    args = ["examples/elastic.py", "--kill-at-step", "40", "--max-epochs", "10"]
+    result = subprocess.run(
+        [sys.executable, *args, "--default-root-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "exiting hard at step 40" in result.stdout
+    assert "failure 1 of the run" in result.stderr
+    assert re.search(
+        r"restarting the workers from \S*recovery-epoch=\d-step=\d+\.ckpt", result.stderr
+    )
+    match = re.search(r"test accuracy: ([0-9.]+) after (\d+) steps", result.stdout)
+    assert match and float(match.group(1)) >= 0.9, result.stdout[-2000:]

@@ -4,6 +4,7 @@ committed checkpoint, and the result equals a run that never failed."""
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import pytest
@@ -161,3 +162,27 @@ def test_logged_rows_of_replayed_steps_are_replaced_not_duplicated(ray_session, 
     rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
     steps = [int(row.split(",")[-1]) for row in rows[1:]]
     assert sorted(steps) == list(range(16))
+
+
+class HangsOnce(Classifier):
+    """Rank 1 stops answering at step 6 (the first time): its peer's collective times out."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and self.trainer.global_step == 6:
+            if not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                time.sleep(3600)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_hung_collective_times_out_and_the_run_recovers(ray_session, tmp_path):
+    trainer = _trainer(tmp_path, max_failures=1, process_group_timeout_s=8)
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match="collective broke during epoch 1"):
+        trainer.fit(HangsOnce(str(tmp_path / "marker")), loader())
+    assert trainer.global_step == 16
+    assert time.monotonic() - started < 120  # not gloo's default 30 minutes
