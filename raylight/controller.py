@@ -54,8 +54,8 @@ class Controller:
 
     def failed(self, error: BaseException) -> None:
         """Record ``error``; return to retry, or raise when it must surface."""
-        if not is_system_failure(error):
-            raise error
+        if not is_system_failure(error) or self.max_failures == 0:
+            raise error  # no retries asked for: the failure itself, as it happened
         self.failures.append(describe(error))
         if self.max_failures != -1 and len(self.failures) > self.max_failures:
             history = "\n".join(f"  {i + 1}. {f}" for i, f in enumerate(self.failures))

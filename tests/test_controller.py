@@ -40,6 +40,12 @@ def test_the_limit_names_every_failure():
     assert "3. ActorDiedError" in message
 
 
+def test_without_retries_the_failure_itself_surfaces():
+    controller = Controller(max_failures=0)
+    with pytest.raises(WorkerFailure, match="rank 1 died"):
+        controller.failed(WorkerFailure("rank 1 died", 1))
+
+
 def test_unlimited_retries():
     controller = Controller(max_failures=-1)
     for _ in range(50):
