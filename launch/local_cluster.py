@@ -147,7 +147,7 @@ class LocalCluster:
                 os.killpg(node.pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 5
         for node in self.nodes:
             try:
                 node.wait(timeout=max(0.1, deadline - time.monotonic()))
