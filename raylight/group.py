@@ -11,7 +11,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -85,6 +85,18 @@ def release_leaked_bundles(removed: list[Any]) -> None:
     del removed[: max(0, len(removed) - 64)]  # keep the recent ones only
 
 
+def rank_order(node_ids: list[str]) -> list[int]:
+    """Bundle indices in rank order: by node, the driver's node first when it hosts workers
+    (so rank 0, which writes checkpoints and logs, shares the driver's disk), then by bundle.
+    Known from the placement group before the actors exist, so each actor is created with
+    its rank, which Ray prints in front of its output: ``(rank=1 pid=...)``."""
+    driver_node = ray.get_runtime_context().get_node_id()
+    node_order: dict[str, int] = {driver_node: 0} if driver_node in node_ids else {}
+    for node in node_ids:
+        node_order.setdefault(node, len(node_order))
+    return sorted(range(len(node_ids)), key=lambda i: (node_order[node_ids[i]], i))
+
+
 def fitting_workers(bundle: dict[str, float], available: dict[str, float]) -> int:
     """How many workers of ``bundle`` the free resources could hold (an upper bound: a
     worker must fit on one node, and the free amounts are cluster-wide sums)."""
@@ -118,13 +130,16 @@ class WorkerGroup:
             "runtime_env": {"env_vars": env_vars} if env_vars else None,
         }
         driver_sys_path = [os.path.abspath(p or os.curdir) for p in sys.path]
+        bundle_nodes = ray.util.placement_group_table(self._pg)["bundles_to_node_id"]
+        order = rank_order([bundle_nodes[i] for i in range(self.size)])
+        rank_of_bundle = {bundle: rank for rank, bundle in enumerate(order)}
         actors = [
             remote_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=i
                 ),
                 **options,
-            ).remote(driver_sys_path)
+            ).remote(driver_sys_path, rank_of_bundle[i])
             for i in range(self.size)
         ]
         self.actors = actors
@@ -198,29 +213,16 @@ class WorkerGroup:
         return min(self.scaling.num_workers, self.size + free)
 
     def _order_ranks(self, actors: list[Any], infos: list[dict[str, Any]]) -> None:
-        """Ranks go by node, then by GPU id. The driver's node comes first when it hosts
-        workers, so rank 0, which writes checkpoints and logs, shares the driver's disk."""
-        node_order: dict[str, int] = {}
-        driver_node = ray.get_runtime_context().get_node_id()
-        if any(info["node_id"] == driver_node for info in infos):
-            node_order[driver_node] = 0
-        for info in infos:
-            node_order.setdefault(info["node_id"], len(node_order))
-        order = sorted(
-            range(len(actors)),
-            key=lambda i: (
-                node_order[infos[i]["node_id"]],
-                [int(g) for g in infos[i]["gpu_ids"] if g.isdigit()],
-                i,
-            ),
-        )
+        """Put the actors in rank order (see ``rank_order``) and note each one's place."""
+        order = rank_order([info["node_id"] for info in infos])
         self.actors = [actors[i] for i in order]
         self.infos = [infos[i] for i in order]
+        node_order: dict[str, int] = {}
         per_node: dict[str, int] = {}
         for info in self.infos:
+            info["node_rank"] = node_order.setdefault(info["node_id"], len(node_order))
             info["local_rank"] = per_node.get(info["node_id"], 0)
             per_node[info["node_id"]] = info["local_rank"] + 1
-            info["node_rank"] = node_order[info["node_id"]]
         for info in self.infos:
             info["local_world_size"] = per_node[info["node_id"]]
 
@@ -264,11 +266,15 @@ class WorkerGroup:
 
     # ---- calls -----------------------------------------------------------------------------------
     def run_on_all(
-        self, method: str, *args: Any, timeout_s: float | None = None, what: str = ""
+        self,
+        method: str,
+        *args: Any,
+        timeout_s: float | None = None,
+        what: str = "",
+        on_tick: Callable[[], None] | None = None,
     ) -> list[Any]:
-        return self.run_on_ranks(
-            range(len(self.actors)), method, *args, timeout_s=timeout_s, what=what
-        )
+        refs = [getattr(actor, method).remote(*args) for actor in self.actors]
+        return self.wait(refs, timeout_s=timeout_s, what=what or method, on_tick=on_tick)
 
     def run_on_ranks(
         self,
@@ -282,7 +288,12 @@ class WorkerGroup:
         return self.wait(refs, timeout_s=timeout_s, what=what or method, ranks=list(ranks))
 
     def wait(
-        self, refs: list[Any], timeout_s: float | None, what: str, ranks: list[int] | None = None
+        self,
+        refs: list[Any],
+        timeout_s: float | None,
+        what: str,
+        ranks: list[int] | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> list[Any]:
         """Results of ``refs`` in order; the first failure kills the group and raises."""
         ranks = ranks if ranks is not None else list(range(len(refs)))
@@ -299,6 +310,8 @@ class WorkerGroup:
                 self.shutdown(force=True)
                 raise
             if not ready and (deadline is None or time.monotonic() < deadline):
+                if on_tick is not None:
+                    on_tick()  # e.g. move the progress bar
                 continue
             if not ready:
                 self.shutdown(force=True)
@@ -377,7 +390,7 @@ _COLLECTIVE_BROKEN = (
     "Timed out waiting",
     "Socket Timeout",
 )
-_SIGNAL_SLICE_S = 0.5
+_SIGNAL_SLICE_S = 0.25  # also how often a progress bar moves
 _PEER_DEATH_GRACE_S = 3.0  # how long Ray may take to report the death behind a broken collective
 
 

@@ -92,6 +92,8 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     mid_epoch = bool(skip) or plan is not None
     trainer._epoch_batches_done = False
     trainer._batches_done_at_step = skip
+    if trainer._poster is not None:
+        trainer._poster.start_epoch()
     if not mid_epoch:
         hooks.call(trainer, "on_train_epoch_start")
     # Creating the iterator draws from the torch generator. A mid-epoch checkpoint's states
@@ -177,6 +179,8 @@ def _train_batch(
     trainer._results = results  # a hook may have run a nested loop
     hooks.call(trainer, "on_train_batch_end", outputs, batch, batch_idx)
     _publish_step_metrics(trainer, results, stepped)
+    if trainer._poster is not None:
+        trainer._poster.after_batch(trainer, batch, batch_idx)
     # Lightning stops mid-epoch only once min_epochs epochs have completed.
     stopping = trainer.should_stop and epoch >= trainer.config.min_epochs
     # Lightning's rule: every val_check_batch batches (the last batch included when the

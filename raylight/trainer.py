@@ -35,6 +35,7 @@ from raylight.loggers import CSVLogger, Logger, TensorBoardLogger
 from raylight.loggers.tensorboard import tensorboard_available
 from raylight.module import LightningModule
 from raylight.preemption import StopFlag
+from raylight.progress import ProgressBoard, ProgressDisplay
 from raylight.seed import capture_rng
 
 _STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"}
@@ -165,6 +166,8 @@ class Trainer:
         self._expected_size = 0  # elastic: the size the next group should try first
         self._removed_pgs: list[Any] = []  # placement groups whose removal may not have held
         self._stop_flag: Any = None  # preemption.StopFlag actor while a fit's group runs
+        self._progress_board: Any = None  # progress.ProgressBoard actor, likewise
+        self._display = ProgressDisplay(self.enable_progress_bar)
         self._signalled: int | None = None  # the signal that asked this fit to stop
         self.lightning_module: LightningModule | None = None
         self.datamodule: LightningDataModule | None = None
@@ -243,7 +246,8 @@ class Trainer:
         self.config.run_id = uuid.uuid4().hex  # tags this fit's entries in the checkpoint index
         resume, first_step = ckpt_path, None
         self._connect()  # before our signal handlers: ray.init installs its own
-        with self._stop_on_signals():
+        self._display = ProgressDisplay(self.enable_progress_bar)
+        with self._stop_on_signals(), contextlib.closing(self._display):
             while True:
                 try:
                     return self._fit_attempt(model, datamodule, loaders, resume)
@@ -281,7 +285,9 @@ class Trainer:
         epoch = self.current_epoch
         checked = time.monotonic()
         while not self._fit_done(epoch):
-            summary = group.run_on_all("train_epoch", epoch, what=f"epoch {epoch}")[0]
+            summary = group.run_on_all(
+                "train_epoch", epoch, what=f"epoch {epoch}", on_tick=self._show_progress
+            )[0]
             self._absorb(summary)
             if summary["stopped_at"]:
                 self._after_clean_stop(summary["stopped_at"])
@@ -425,9 +431,10 @@ class Trainer:
         if self._group is not None:
             self._group.shutdown(force=force)
             self._group = None
-        if self._stop_flag is not None and ray.is_initialized():
-            ray.kill(self._stop_flag, no_restart=True)
-        self._stop_flag = None
+        for actor in (self._stop_flag, self._progress_board):
+            if actor is not None and ray.is_initialized():
+                ray.kill(actor, no_restart=True)
+        self._stop_flag = self._progress_board = None
 
     def __del__(self) -> None:
         try:
@@ -577,6 +584,8 @@ class Trainer:
         self.config.global_seed = _global_seed()
         if stage == "fit" and self._stop_flag is None:
             self._stop_flag = ray.remote(StopFlag).options(num_cpus=0).remote()
+        if stage == "fit" and self._progress_board is None and self.enable_progress_bar:
+            self._progress_board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
         job = {
             "stage": stage,
             "config": self.config,
@@ -588,6 +597,7 @@ class Trainer:
             "ckpt_path": os.fspath(ckpt_path) if ckpt_path else None,
             "rng_states": capture_rng(),
             "stop_flag": self._stop_flag if stage == "fit" else None,
+            "progress_board": self._progress_board if stage == "fit" else None,
         }
         job_ref = _put_checked(job)
         group.run_on_all("setup", job_ref, what=f"{stage} setup")
@@ -672,15 +682,16 @@ class Trainer:
                 logger.log_metrics(row, step)
 
     def _report_epoch(self, summary: dict[str, Any]) -> None:
-        if not self.enable_progress_bar:
+        self._display.end_epoch(summary)
+
+    def _show_progress(self) -> None:
+        if self._progress_board is None or not self._display.enabled:
             return
-        shown = {**summary["progress_bar_metrics"]}
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()))
-        print(
-            f"Epoch {summary['epoch']}: step {summary['global_step']} {metrics}".rstrip(),
-            file=sys.stderr,
-            flush=True,
-        )
+        try:
+            latest = ray.get(self._progress_board.latest.remote(), timeout=2)
+        except ray.exceptions.GetTimeoutError:
+            return  # the bar waits for the next tick
+        self._display.show(latest)
 
 
 class _Regroup(Exception):  # noqa: N818 - a signal inside the fit loop, not an error

@@ -29,6 +29,7 @@ from raylight.data import request_loaders
 from raylight.module import LightningModule
 from raylight.optim import LightningOptimizer, parse_optimizers
 from raylight.preemption import StopCheck
+from raylight.progress import Poster
 from raylight.rank_trainer import RankTrainer
 from raylight.seed import restore_rng
 
@@ -79,13 +80,13 @@ def _with_rank_context(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Worker:
-    def __init__(self, driver_sys_path: list[str] | None = None) -> None:
+    def __init__(self, driver_sys_path: list[str] | None = None, rank: int = -1) -> None:
         # The user's classes are pickled by reference when they live in an importable
         # module (a script's sibling file, a test helper): make the driver's import
         # roots importable here too, before any job is unpickled.
         missing = [p for p in driver_sys_path or [] if p not in sys.path and os.path.isdir(p)]
         sys.path[:0] = missing
-        self.rank = -1
+        self.rank = rank  # from the placement group's layout; init_process_group confirms it
         self.trainer: RankTrainer | None = None
         self._user_callbacks: list[Any] = []
         self._group_info: dict[str, int] = {}
@@ -181,6 +182,8 @@ class Worker:
         module._device = device
         if stage == "fit":
             trainer._stop_check = StopCheck(job.get("stop_flag"), trainer.world_size)
+            if job.get("progress_board") is not None and trainer.is_global_zero:
+                trainer._poster = Poster(job["progress_board"])
             with contextlib.suppress(ValueError):  # signals reach only the main thread
                 trainer._stop_check.install_sigterm()
             trainer.model = DistributedDataParallel(
