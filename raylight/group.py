@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import (
 )
 
 from raylight import storage
-from raylight.config import Scaling
+from raylight.config import MisconfigurationException, Scaling
 from raylight.worker import Worker
 
 
@@ -115,12 +115,17 @@ class WorkerGroup:
         self.size = scaling.num_workers  # the world size; elastic groups settle it in _reserve
         self.expected_size = 0  # elastic: the size to try first (0: judge by free resources)
         self.removed_pgs: list[Any] = []
+        self.trial_pg: Any = None  # a Tune trial's placement group, which Tune owns
+        self._first_bundle = 0
         self._storage_proxy: Any = None
         self._storage_checked = False
 
     # ---- start ---------------------------------------------------------------------------------
     def start(self, backend: str, pg_timeout_s: float, env_vars: dict[str, str]) -> None:
-        self._pg = self._reserve()
+        if self.trial_pg is not None:  # inside a Tune trial: its bundles 1.. are ours
+            self._pg, self._first_bundle = self._check_trial_bundles(self.trial_pg), 1
+        else:
+            self._pg, self._first_bundle = self._reserve(), 0
         remote_cls = ray.remote(self.worker_cls)
         bundle = self.scaling.bundle()
         options = {
@@ -131,15 +136,16 @@ class WorkerGroup:
         }
         driver_sys_path = [os.path.abspath(p or os.curdir) for p in sys.path]
         bundle_nodes = ray.util.placement_group_table(self._pg)["bundles_to_node_id"]
-        order = rank_order([bundle_nodes[i] for i in range(self.size)])
-        rank_of_bundle = {bundle: rank for rank, bundle in enumerate(order)}
+        first = self._first_bundle
+        order = rank_order([bundle_nodes[first + i] for i in range(self.size)])
+        rank_of_worker = {worker: rank for rank, worker in enumerate(order)}
         actors = [
             remote_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=i
+                    self._pg, placement_group_bundle_index=first + i
                 ),
                 **options,
-            ).remote(driver_sys_path, rank_of_bundle[i])
+            ).remote(driver_sys_path, rank_of_worker[i])
             for i in range(self.size)
         ]
         self.actors = actors
@@ -161,6 +167,22 @@ class WorkerGroup:
             for rank, actor in enumerate(self.actors)
         ]
         self.wait(refs, timeout_s=min(pg_timeout_s, 300), what="init_process_group")
+
+    def _check_trial_bundles(self, pg: Any) -> Any:
+        """The trial's reservation must hold this Trainer's workers: one bundle for the
+        trial's driver, then one per worker with at least a worker's resources."""
+        workers = pg.bundle_specs[1:]
+        need = self.scaling.bundle()
+        fits = all(b.get(k, 0.0) >= v for b in workers for k, v in need.items())
+        if len(workers) != self.scaling.num_workers or not fits or self.scaling.elastic:
+            raise MisconfigurationException(
+                f"{_describe_request(self.scaling)}, but the Tune trial reserved "
+                f"{pg.bundle_specs} (its driver, then its workers): give the trainable "
+                f"resources(num_workers={self.scaling.num_workers}, ...) from raylight.tune "
+                "with the Trainer's own scaling flags."
+            )
+        self.size = self.scaling.num_workers
+        return pg
 
     def _reserve(self) -> Any:
         """A placement group for the workers. An elastic group takes as many as fit now, up
@@ -377,7 +399,7 @@ class WorkerGroup:
             ray.kill(self._storage_proxy, no_restart=True)
             self._storage_proxy = None
         self._storage_checked = False
-        if self._pg is not None:
+        if self._pg is not None and self._pg is not self.trial_pg:
             self._remove(self._pg)
         self._pg = None
 

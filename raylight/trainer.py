@@ -169,6 +169,8 @@ class Trainer:
         self._progress_board: Any = None  # progress.ProgressBoard actor, likewise
         self._display = ProgressDisplay(self.enable_progress_bar)
         self._signalled: int | None = None  # the signal that asked this fit to stop
+        self._in_tune = False  # this fit runs inside a Ray Tune trial
+        self._reported_checkpoint: str | None = None
         self.lightning_module: LightningModule | None = None
         self.datamodule: LightningDataModule | None = None
         self.current_epoch = 0
@@ -244,8 +246,13 @@ class Trainer:
         committed checkpoint, as often as ``max_failures`` allows."""
         controller = Controller(self.max_failures)
         self.config.run_id = uuid.uuid4().hex  # tags this fit's entries in the checkpoint index
-        resume, first_step = ckpt_path, None
         self._connect()  # before our signal handlers: ray.init installs its own
+        self._in_tune = _in_tune_trial()
+        if self._in_tune and ckpt_path is None:
+            from raylight import tune
+
+            ckpt_path = tune.checkpoint_from_tune()  # PBT's exploit, or a restarted trial
+        resume, first_step = ckpt_path, None
         self._display = ProgressDisplay(self.enable_progress_bar)
         with self._stop_on_signals(), contextlib.closing(self._display):
             while True:
@@ -292,12 +299,33 @@ class Trainer:
             if summary["stopped_at"]:
                 self._after_clean_stop(summary["stopped_at"])
             self._report_epoch(summary)
+            if self._in_tune:
+                self._report_to_tune(summary)
             epoch += 1
             self.current_epoch = epoch  # Lightning counts completed epochs once one ends
             if time.monotonic() - checked >= self.elastic_check_interval:
                 checked = time.monotonic()
                 self._grow_if_possible(group)
         return group.run_on_all("fit_end", what="fit end")[0]
+
+    def _report_to_tune(self, summary: dict[str, Any]) -> None:
+        """Every epoch: the logged metrics, and the newest checkpoint this fit committed if
+        Tune has not had it yet (schedulers such as PBT restore trials from it)."""
+        from raylight import tune
+
+        metrics = {**summary["callback_metrics"], "epoch": summary["epoch"]}
+        metrics["step"] = summary["global_step"]
+        self._writer_flush()
+        entry = checkpoint.latest_of_run(self.config.default_root_dir, self.config.run_id)
+        path = entry["path"] if entry else None
+        fresh = path if path != self._reported_checkpoint else None
+        self._reported_checkpoint = path or self._reported_checkpoint
+        tune.report(metrics, fresh)
+
+    def _writer_flush(self) -> None:
+        """Wait until rank 0's checkpoints are committed, so the index names them."""
+        if self._group is not None and self._group.actors:
+            self._group.run_on_ranks([0], "flush_checkpoints", timeout_s=600, what="checkpoint")
 
     def _after_clean_stop(self, path: str) -> None:
         """The ranks stopped at a batch and saved ``path``: exit when the driver was
@@ -611,6 +639,10 @@ class Trainer:
         group = self._group = self.worker_group_cls(self.scaling, self.placement_timeout_s)
         group.expected_size, self._expected_size = self._expected_size, 0
         group.removed_pgs = self._removed_pgs  # shared across this Trainer's groups
+        if self._in_tune:
+            from raylight import tune
+
+            group.trial_pg = tune.trial_placement_group()
         backend = "nccl" if self.scaling.use_gpu else "gloo"
         try:
             group.start(
@@ -692,6 +724,14 @@ class Trainer:
         except ray.exceptions.GetTimeoutError:
             return  # the bar waits for the next tick
         self._display.show(latest)
+
+
+def _in_tune_trial() -> bool:
+    if "ray.tune" not in sys.modules:  # a trial's process has imported Tune long before
+        return False
+    from raylight import tune
+
+    return tune.in_trial()
 
 
 class _Regroup(Exception):  # noqa: N818 - a signal inside the fit loop, not an error

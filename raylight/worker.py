@@ -282,6 +282,10 @@ class Worker:
         return loops.epoch_summary(self.trainer)
 
     @_with_rank_context
+    def flush_checkpoints(self) -> None:
+        """Return once every checkpoint this rank wrote is committed."""
+        self.trainer._writer.wait()
+
     def save_checkpoint(self, filepath: str, weights_only: bool) -> None:
         self.trainer.save_checkpoint(filepath, weights_only)
         self.trainer._writer.wait()  # the driver's call returns once the file exists

@@ -18,6 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 def _run(args: list[str], timeout: int = 300) -> str:
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh embedded instance, not the tests' one
+    if args[0] == "examples/tune_digits.py":
+        env.pop("RAY_ADDRESS")  # it starts its own instance, sized for one trial
     result = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -74,3 +76,10 @@ def test_elastic_example_recovers_from_a_killed_worker(tmp_path):
     )
     match = re.search(r"test accuracy: ([0-9.]+) after (\d+) steps", result.stdout)
     assert match and float(match.group(1)) >= 0.9, result.stdout[-2000:]
+
+
+def test_tune_example_runs_an_asha_sweep_of_distributed_trials(tmp_path):
+    args = ["examples/tune_digits.py", "--num-samples", "2", "--max-epochs", "2"]
+    output = _run([*args, "--storage-path", str(tmp_path)], timeout=600)
+    assert "best config: {'lr': " in output
+    assert _accuracy(output) >= 0.8

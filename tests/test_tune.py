@@ -1,0 +1,122 @@
+"""Ray Tune sweeps whose trials are distributed Trainers, on the tests' real Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import models
+import pytest
+from models import Classifier, DataModule
+from ray import cloudpickle, tune
+
+import raylight as pl
+from raylight.tune import CHECKPOINT_NAME, resources
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ship_test_code_by_value():
+    """Tune's trial actors import the trainable; these test modules are not on their path."""
+    modules = [sys.modules[__name__], models]
+    for module in modules:
+        cloudpickle.register_pickle_by_value(module)
+    yield
+    for module in modules:
+        cloudpickle.unregister_pickle_by_value(module)
+
+
+def test_resources_reserve_the_driver_and_each_worker():
+    factory = resources(num_workers=2, cpus_per_worker=2, resources_per_worker={"node_1": 1})
+    assert factory.bundles == [{"CPU": 1.0}] + [{"CPU": 2.0, "node_1": 1}] * 2
+    assert resources(num_workers=1, use_gpu=True).bundles[1] == {"CPU": 1.0, "GPU": 1.0}
+
+
+def _train(config):
+    trainer = pl.Trainer(
+        num_workers=2,
+        max_epochs=2,
+        placement_timeout_s=10,  # its own 2 workers beside the trial's 3 CPUs would not fit
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+    )
+    trainer.fit(Classifier(lr=config["lr"]), datamodule=DataModule(n=64))
+
+
+def test_a_sweep_reports_metrics_and_checkpoints_of_distributed_trials(ray_session, tmp_path):
+    tuner = tune.Tuner(
+        tune.with_resources(_train, resources(num_workers=2)),  # 3 of the cluster's 4 CPUs
+        param_space={"lr": tune.grid_search([0.05, 0.2])},
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min"),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="sweep"),
+    )
+    results = tuner.fit()
+    assert not results.errors, results.errors
+    assert len(results) == 2
+    for result in results:
+        assert result.metrics["epoch"] == 1 and result.metrics["step"] == 4  # 2 epochs x 2 steps
+        assert result.metrics["training_iteration"] == 2  # one report per epoch
+        assert "val_loss" in result.metrics and "train_loss" in result.metrics
+        with result.checkpoint.as_directory() as folder:
+            restored = Classifier.load_from_checkpoint(os.path.join(folder, CHECKPOINT_NAME))
+        assert restored.hparams.lr == result.config["lr"]
+        assert result.checkpoint.path.startswith(str(tmp_path))  # in Tune's storage
+    best = results.get_best_result()
+    assert best.metrics["val_loss"] == min(r.metrics["val_loss"] for r in results)
+
+
+def _mismatched(config):
+    pl.Trainer(num_workers=2, max_epochs=1, logger=False, enable_progress_bar=False).fit(
+        Classifier(), datamodule=DataModule(n=64)
+    )
+
+
+def test_a_trainer_that_does_not_fit_the_trial_reservation_is_a_clear_error(ray_session, tmp_path):
+    tuner = tune.Tuner(
+        tune.with_resources(_mismatched, resources(num_workers=1)),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="bad"),
+    )
+    (result,) = tuner.fit()
+    assert result.error is not None
+    assert "resources(num_workers=2" in str(result.error)
+
+
+class FailsOnce(Classifier):
+    """Raises in epoch 2 the first time (a marker file remembers); logs the step its fit
+    started from."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def on_train_start(self):
+        self.start_step = self.trainer.global_step
+
+    def on_train_epoch_start(self):
+        self.log("start_step", float(self.start_step))
+        if self.current_epoch == 2 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise RuntimeError("the trial's first attempt dies here")
+
+
+def _fails_once(config):
+    trainer = pl.Trainer(num_workers=2, max_epochs=4, logger=False, enable_progress_bar=False)
+    trainer.fit(FailsOnce(config["marker"]), datamodule=DataModule(n=64))
+
+
+def test_a_restarted_trial_resumes_from_its_last_reported_checkpoint(ray_session, tmp_path):
+    tuner = tune.Tuner(
+        tune.with_resources(_fails_once, resources(num_workers=2)),
+        param_space={"marker": str(tmp_path / "failed-once")},
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path), name="restart", failure_config=tune.FailureConfig(1)
+        ),
+    )
+    (result,) = tuner.fit()
+    assert result.error is None, result.error
+    assert (tmp_path / "failed-once").exists()
+    # The second attempt started from the epoch-1 checkpoint (step 4), not from scratch.
+    assert result.metrics["start_step"] == 4.0
+    assert result.metrics["step"] == 8 and result.metrics["epoch"] == 3
