@@ -51,9 +51,7 @@ def main(argv: list[str] | None = None) -> float:
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(
-            DigitsModel(lr=config["lr"]), DigitsDataModule(batch_size=config["batch_size"])
-        )
+        trainer.fit(DigitsModel(lr=config["lr"]), DigitsDataModule(batch_size=config["batch_size"]))
 
     if args.pbt:
         scheduler = tune.schedulers.PopulationBasedTraining(
