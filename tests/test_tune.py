@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import models
 import pytest
@@ -120,3 +121,83 @@ def test_a_restarted_trial_resumes_from_its_last_reported_checkpoint(ray_session
     # The second attempt started from the epoch-1 checkpoint (step 4), not from scratch.
     assert result.metrics["start_step"] == 4.0
     assert result.metrics["step"] == 8 and result.metrics["epoch"] == 3
+
+
+def _sweep_trial(config):
+    trainer = pl.Trainer(
+        num_workers=2,
+        max_epochs=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Classifier(lr=config["lr"]), datamodule=DataModule(n=64))
+
+
+def test_an_asha_sweep_stops_weak_trials_early(ray_session, tmp_path):
+    # Good learning rates first: the trials run one at a time (3 of the 4 CPUs each), so the
+    # weak ones meet the good ones' results at ASHA's rungs and are stopped there.
+    tuner = tune.Tuner(
+        tune.with_resources(_sweep_trial, resources(num_workers=2)),
+        param_space={"lr": tune.grid_search([0.5, 0.3, 0.001, 0.0001])},
+        tune_config=tune.TuneConfig(
+            metric="val_loss",
+            mode="min",
+            scheduler=tune.schedulers.ASHAScheduler(max_t=4, grace_period=1, reduction_factor=2),
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha"),
+    )
+    results = tuner.fit()
+    assert not results.errors, results.errors
+    iterations = {r.config["lr"]: r.metrics["training_iteration"] for r in results}
+    assert all(n >= 1 for n in iterations.values())  # every trial reported
+    assert iterations[0.5] == 4  # the first trial ran to the end
+    assert min(iterations[0.001], iterations[0.0001]) < 4  # a weak one was stopped early
+    best = results.get_best_result()
+    assert best.config["lr"] in (0.5, 0.3)
+    assert best.metrics["val_loss"] == min(r.metrics["val_loss"] for r in results)
+
+
+class LogsStartStep(Classifier):
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.2)  # slow enough for the two trials to overlap and meet at PBT's checks
+        return super().training_step(batch, batch_idx)
+
+    def on_train_start(self):
+        self.start_step = self.trainer.global_step
+
+    def on_train_epoch_start(self):
+        self.log("start_step", float(self.start_step))
+
+
+def _pbt_trial(config):
+    trainer = pl.Trainer(
+        num_workers=1,
+        max_epochs=6,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(LogsStartStep(lr=config["lr"]), datamodule=DataModule(n=64))
+
+
+def test_pbt_restores_a_trial_from_another_trials_checkpoint(ray_session, tmp_path):
+    scheduler = tune.schedulers.PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=2,
+        quantile_fraction=0.5,  # of 2 trials, the worse one takes the better one's checkpoint
+        hyperparam_mutations={"lr": [0.3, 0.5]},
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(_pbt_trial, resources(num_workers=1)),  # 2 trials side by side
+        param_space={"lr": tune.grid_search([0.5, 0.00001])},
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="pbt"),
+    )
+    results = tuner.fit()
+    assert not results.errors, results.errors
+    # A restored trial's fit started at the step of the checkpoint it was given, and went on
+    # to the end (6 epochs of 4 steps).
+    restored = [r for r in results if r.metrics["start_step"] > 0]
+    assert restored, [r.metrics for r in results]
+    assert all(r.metrics["step"] == 24 for r in results)
