@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from raylight import storage
-from raylight.loggers.logger import Logger
+from raylight.loggers.logger import Logger, next_version, version_folder
 
 
 class CSVLogger(Logger):
@@ -41,7 +41,7 @@ class CSVLogger(Logger):
     @property
     def version(self) -> int | str:
         if self._version is None:
-            self._version = self._next_version()
+            self._version = next_version(self.root_dir)
         return self._version
 
     @property
@@ -50,16 +50,8 @@ class CSVLogger(Logger):
 
     @property
     def log_dir(self) -> str:
-        version = self.version if isinstance(self.version, str) else f"version_{self.version}"
+        version = version_folder(self.version)
         return storage.join(self.root_dir, version)
-
-    def _next_version(self) -> int:
-        versions = [
-            int(name[len("version_") :])
-            for name in storage.list_names(self.root_dir, directories=True)
-            if name.startswith("version_") and name[len("version_") :].isdigit()
-        ]
-        return max(versions, default=-1) + 1
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         text = yaml.safe_dump(_plain(dict(params)))

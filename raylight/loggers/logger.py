@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from raylight import storage
+
 
 class Logger:
     """Lightning's logger interface, called on the driver."""
@@ -34,3 +36,18 @@ class Logger:
 
     def finalize(self, status: str) -> None:
         self.save()
+
+
+def next_version(root_dir: str) -> int:
+    """Lightning's versioning: one more than the highest ``version_N`` under ``root_dir``."""
+    versions = [
+        int(name[len("version_") :])
+        for name in storage.list_names(root_dir, directories=True)
+        if name.startswith("version_") and name[len("version_") :].isdigit()
+    ]
+    return max(versions, default=-1) + 1
+
+
+def version_folder(version: int | str) -> str:
+    """``version_N`` for a number; a string version names its folder itself."""
+    return version if isinstance(version, str) else f"version_{version}"

@@ -23,7 +23,7 @@ import yaml
 
 from raylight import storage
 from raylight.loggers.csv_logs import _plain
-from raylight.loggers.logger import Logger
+from raylight.loggers.logger import Logger, next_version, version_folder
 
 
 def _writer_package() -> str | None:
@@ -93,7 +93,7 @@ class TensorBoardLogger(Logger):
     @property
     def version(self) -> int | str:
         if self._version is None:
-            self._version = self._next_version()
+            self._version = next_version(self.root_dir)
         return self._version
 
     @property
@@ -110,7 +110,7 @@ class TensorBoardLogger(Logger):
 
     @property
     def log_dir(self) -> str:
-        version = self.version if isinstance(self.version, str) else f"version_{self.version}"
+        version = version_folder(self.version)
         parts = [version] if self._sub_dir is None else [version, self._sub_dir]
         return storage.join(self.root_dir, *parts)
 
@@ -130,14 +130,6 @@ class TensorBoardLogger(Logger):
             folder = self.log_dir
         self._experiment = SummaryWriter(log_dir=folder, **self._kwargs)
         return self._experiment
-
-    def _next_version(self) -> int:
-        versions = [
-            int(name[len("version_") :])
-            for name in storage.list_names(self.root_dir, directories=True)
-            if name.startswith("version_") and name[len("version_") :].isdigit()
-        ]
-        return max(versions, default=-1) + 1
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         if self._prefix:
