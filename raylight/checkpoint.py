@@ -337,9 +337,30 @@ def _read_index(root: str) -> list[dict[str, Any]]:
     return json.loads(storage.read_bytes(location))["checkpoints"]
 
 
+def index_entry(
+    trainer: Any,
+    path: str,
+    monitor: str | None = None,
+    score: float | None = None,
+    weights_only: bool = False,
+) -> dict[str, Any]:
+    """What the index records of a checkpoint taken now by ``trainer`` (driver or rank)."""
+    return {
+        "path": path,
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "monitor": monitor,
+        "score": score,
+        "run": trainer.config.run_id,
+        "weights_only": weights_only,
+    }
+
+
 def update_index(root: str, added: dict[str, Any] | None, removed: list[str]) -> None:
+    """Record ``added`` (stamped with the commit time) and forget ``removed``."""
     entries = [e for e in _read_index(root) if e["path"] not in removed]
     if added is not None:
+        added = {**added, "time": time.time()}
         entries = [e for e in entries if e["path"] != added["path"]] + [added]
     document = {"checkpoints": entries}
     storage.write_bytes(storage.join(root, INDEX_NAME), json.dumps(document, indent=1).encode())

@@ -1,8 +1,8 @@
 """Failure policy of a fit: which failures are retried, how many, and how big the next group is.
 
 A small state machine with no Ray calls of its own, so that a test can drive it:
-``Controller.failed(error)`` either returns (retry) or raises (give up), and
-``Controller.group_size(fits)`` picks the world size of the next worker group.
+``Controller.failed(error)`` either returns (retry) or raises (give up). The size of the
+next group is the group's own business (``WorkerGroup._reserve``).
 
 System failures are retried: a worker process or node that died, a lost object, a
 collective that broke or timed out because a peer went away. Exceptions raised by user
@@ -48,8 +48,6 @@ class Controller:
     """``max_failures``: how many system failures are retried (-1: any number)."""
 
     max_failures: int = 0
-    min_workers: int = 1
-    max_workers: int = 1
     failures: list[str] = dataclasses.field(default_factory=list)
 
     def failed(self, error: BaseException) -> None:
@@ -64,8 +62,3 @@ class Controller:
                 f"Trainer(max_failures={self.max_failures}) allows:\n{history}\n"
                 "Raise max_failures (-1 retries without limit) or fix what kills the workers."
             ) from error
-
-    def group_size(self, fits: int) -> int:
-        """World size of the next group: as many workers as fit, within [min, max]. Below
-        ``min_workers`` the group waits for resources (and fails after its placement timeout)."""
-        return max(self.min_workers, min(self.max_workers, fits))

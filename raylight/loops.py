@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 import warnings
 from typing import Any
 
@@ -233,11 +232,10 @@ def _save_and_stop(trainer: RankTrainer) -> None:
     path = storage.join(
         root, "recovery", f"stopped-epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
     )
-    entry = {"path": path, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
-    entry |= {"run": trainer.config.run_id, "monitor": None, "score": None}
+    entry = checkpoint.index_entry(trainer, path)
 
     def commit() -> None:
-        checkpoint.update_index(root, entry | {"time": time.time()}, [])
+        checkpoint.update_index(root, entry, [])
 
     checkpoint.save_from_rank(trainer, path, on_commit=commit if trainer.is_global_zero else None)
     trainer._writer.wait()

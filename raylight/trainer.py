@@ -386,9 +386,7 @@ class Trainer:
         root = self.config.default_root_dir
         path = storage.join(root, "recovery", f"resize-epoch={self.current_epoch}.ckpt")
         group.run_on_all("save_checkpoint", path, False, what="resize checkpoint")
-        entry = {"path": path, "epoch": self.current_epoch, "global_step": self.global_step}
-        entry |= {"run": self.config.run_id, "time": time.time(), "monitor": None, "score": None}
-        checkpoint.update_index(root, entry, [])
+        checkpoint.update_index(root, checkpoint.index_entry(self, path), [])
         warnings.warn(
             f"resources for {target} workers are free (running {group.size}): restarting the "
             f"group bigger from {storage.redact(path)}.",

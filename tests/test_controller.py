@@ -51,10 +51,3 @@ def test_unlimited_retries():
     for _ in range(50):
         controller.failed(WorkerFailure("rank 0 died", 0))
     assert len(controller.failures) == 50
-
-
-def test_group_size_stays_within_min_and_max():
-    controller = Controller(min_workers=2, max_workers=4)
-    assert controller.group_size(fits=8) == 4
-    assert controller.group_size(fits=3) == 3
-    assert controller.group_size(fits=1) == 2  # waits for the minimum

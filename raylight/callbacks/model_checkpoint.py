@@ -182,16 +182,13 @@ class ModelCheckpoint(Callback):
         that fell out of the top k, then record the new one in the run's index."""
         if not trainer.is_global_zero:
             return None
-        entry = {
-            "path": filepath,
-            "epoch": trainer.current_epoch,
-            "global_step": trainer.global_step,
-            "monitor": self.monitor if monitor is ... else monitor,
-            "score": score,
-            "time": time.time(),
-            "run": trainer.config.run_id,
-            "weights_only": self.save_weights_only,
-        }
+        entry = checkpoint.index_entry(
+            trainer,
+            filepath,
+            self.monitor if monitor is ... else monitor,
+            score,
+            self.save_weights_only,
+        )
         root, verbose = trainer.default_root_dir, self.verbose
 
         def commit() -> None:
