@@ -26,7 +26,7 @@ from ray.runtime_env import RuntimeEnv
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_CONFIGS = ["cluster.yaml", "launch/aws.yaml", "launch/gcp.yaml"]
 RAYJOB = "launch/kuberay-rayjob.yaml"
-INSTALLS_RAYLIGHT = re.compile(r'python -m pip install .*-e "\$HOME/raylight\[examples\]"')
+INSTALLS_RAYLIGHT = re.compile(r'python -m pip install .*-e "\$HOME/src/raylight\[examples\]"')
 EXPORTS_TOKEN_MODE = "echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc"
 
 # Mistakes `ray up` must refuse: (key, value) set at the top level of a working config.
@@ -121,7 +121,7 @@ def test_every_node_starts_ray_with_token_auth(path):
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS)
 def test_every_node_gets_the_project_and_installs_it(path):
     config = _prepared(_load(path))
-    assert config["file_mounts"].get("~/raylight") == "."
+    assert config["file_mounts"].get("~/src/raylight") == "."
     assert ".gitignore" in config["rsync_filter"]
     for setup in ("head_setup_commands", "worker_setup_commands"):
         assert any(INSTALLS_RAYLIGHT.search(cmd) for cmd in config[setup]), f"{path}: {setup}"

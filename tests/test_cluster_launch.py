@@ -1,0 +1,148 @@
+"""The README's cluster section, end to end: ray up, ray submit, ray job submit, ray down.
+
+The cluster is the shipped ``cluster.yaml`` (head_ip 127.0.0.1), reached over a real OpenSSH
+server on loopback (``ssh_host.py``). The one override is the SSH key: a copy of the file whose
+``auth.ssh_private_key`` names a throwaway key (ssh expands ``~`` from the password database,
+not from ``HOME``). The commands run from the repository root with ``HOME`` set to a fresh
+folder, where the README's first step writes ``~/.ray/auth_token``.
+
+Slow (minutes), so it is not part of the default suite: ``.ci/run`` runs it as its own step,
+``python -m pytest -m cluster_launch``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mnist_data import write_mnist
+from ssh_host import LoopbackSSHHost, missing_prerequisites
+
+pytestmark = [pytest.mark.cluster_launch, pytest.mark.e2e, pytest.mark.timeout(1800)]
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+HEAD = "127.0.0.1"
+ACCURACY = re.compile(r"test accuracy: (\d\.\d+)")
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    missing = missing_prerequisites()
+    if missing:
+        pytest.fail(
+            "the cluster-launch test needs " + ", ".join(missing) + "; `.ci/run` installs "
+            "openssh-server and rsync (apt) and runs it as root",
+            pytrace=False,
+        )
+    host = LoopbackSSHHost(tmp_path_factory.mktemp("node"))
+    host.start()
+    yield host
+    host.stop()
+
+
+@pytest.fixture
+def config(node, tmp_path) -> str:
+    """cluster.yaml with the throwaway key; nothing else differs."""
+    settings = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    settings["auth"]["ssh_private_key"] = str(node.client_key)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+@pytest.fixture
+def user_env(tmp_path):
+    """A user's environment, with a home of its own holding the cluster's Ray token."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_AUTH_MODE="token")
+    _run([RAY, "get-auth-token", "--generate"], env, timeout_s=60)  # the README's first step
+    assert (home / ".ray" / "auth_token").read_text().strip()
+    return env
+
+
+def _run(command: list[str], env: dict[str, str], timeout_s: float) -> str:
+    """Run a user's command from the repository root; its output, or a failure showing it."""
+    try:
+        done = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(
+            f"`{' '.join(command)}` ran over {timeout_s} s:\n{error.stdout}\n{error.stderr}"
+        )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"`{' '.join(command)}` exited {done.returncode}:\n{output}"
+    return output
+
+
+def _submit_job(entrypoint: list[str], env: dict[str, str], attempts: int = 6) -> str:
+    """``ray job submit``; the head's job agent registers some seconds after ``ray up``
+    returns, and until then Ray answers "No available agent ... try again later"."""
+    command = [RAY, "job", "submit", "--address", f"http://{HEAD}:8265", "--working-dir", "."]
+    for attempt in range(attempts):
+        done = subprocess.run(
+            [*command, "--", *entrypoint],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        output = done.stdout + done.stderr
+        if "No available agent" not in output or attempt == attempts - 1:
+            break
+        time.sleep(10)
+    assert done.returncode == 0, f"`ray job submit` exited {done.returncode}:\n{output}"
+    return output
+
+
+def _accuracy(output: str) -> float:
+    found = ACCURACY.findall(output)
+    assert found, f"the example printed no test accuracy:\n{output}"
+    return float(found[-1])
+
+
+def test_ray_up_submit_job_submit_and_down_on_cluster_yaml(config, user_env, tmp_path):
+    write_mnist(tmp_path / "mnist", n_train=1200, n_test=200)
+    data = str(tmp_path / "mnist")
+    example = ["--num-workers", "2", "--max-epochs", "1", "--data-dir", data]
+    try:
+        _run([RAY, "up", "-y", config], user_env, timeout_s=900)
+
+        submitted = _run(
+            [RAY, "submit", config, "examples/mnist.py", "--", *example],
+            user_env,
+            timeout_s=600,
+        )
+        assert _accuracy(submitted) > 0.3  # learnable data: chance is 0.1
+        # The script joined the cluster `ray up` started instead of starting a second Ray.
+        sessions = _run(
+            [RAY, "exec", config, "ls /tmp/ray | grep -c '^session_2'"],
+            user_env,
+            timeout_s=120,
+        )
+        counts = [line.strip() for line in sessions.splitlines() if line.strip().isdigit()]
+        assert counts == ["1"], sessions
+
+        job = _submit_job(["python", "examples/mnist.py", *example], user_env)
+        assert _accuracy(job) > 0.3
+        assert "succeeded" in job.lower(), job
+    finally:
+        down = subprocess.run(
+            [RAY, "down", "-y", config],
+            cwd=REPO,
+            env=user_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert down.returncode == 0, down.stdout + down.stderr
