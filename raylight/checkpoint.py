@@ -373,12 +373,16 @@ def latest_in_index(root: str) -> str | None:
     return max(entries, key=lambda e: e["time"])["path"]  # the newest commit, of any run
 
 
-def latest_of_run(root: str, run_id: str) -> dict[str, Any] | None:
-    """The newest full (not weights-only) checkpoint that fit ``run_id`` committed."""
+def latest_of_run(root: str, run_id: str, up_to_step: int | None = None) -> dict[str, Any] | None:
+    """The newest full (not weights-only) checkpoint that fit ``run_id`` committed, taken
+    at global step ``up_to_step`` or before when that is given."""
     entries = [
         e
         for e in _read_index(root)
-        if e.get("run") == run_id and not e.get("weights_only") and storage.exists(e["path"])
+        if e.get("run") == run_id
+        and not e.get("weights_only")
+        and (up_to_step is None or e["global_step"] <= up_to_step)
+        and storage.exists(e["path"])
     ]
     return max(entries, key=lambda e: e["time"]) if entries else None
 

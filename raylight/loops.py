@@ -120,6 +120,7 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     _step_schedulers(trainer, "epoch", epoch + 1, plateau=True)
     if logged:
         trainer._log_rows.append((trainer._batches_that_stepped - 1, _with_epoch(trainer, logged)))
+    _update_closing_validation(trainer, batch_idx)
     results.reset_metrics()  # torchmetrics objects start the next epoch empty, as in Lightning
     return epoch_summary(trainer)
 
@@ -219,9 +220,12 @@ def epoch_summary(trainer: RankTrainer) -> dict[str, Any]:
         "logged_metrics": to_floats(trainer.logged_metrics),
         "progress_bar_metrics": to_floats(trainer.progress_bar_metrics),
         "log_rows": list(trainer._log_rows),
+        "validations": list(trainer._fit_validations),
+        "validation_enabled": trainer._validation_enabled,
         "stopped_at": trainer._stopped_at,
     }
     trainer._log_rows.clear()
+    trainer._fit_validations.clear()
     trainer._stopped_at = None
     return summary
 
@@ -444,6 +448,14 @@ def _val_check_batches(trainer: RankTrainer) -> int:
     return interval
 
 
+def _update_closing_validation(trainer: RankTrainer, last_batch_idx: int) -> None:
+    """A validation after the epoch's last batch ends the epoch: its point also holds what
+    the epoch's end logged (the epoch's train metrics), as an epoch-end report would."""
+    validations = trainer._fit_validations
+    if validations and validations[-1]["batch_idx"] == last_batch_idx:
+        validations[-1]["callback_metrics"] = to_floats(trainer.callback_metrics)
+
+
 def _validate_during_fit(trainer: RankTrainer) -> None:
     _ensure_val_loaders(trainer)
     if not any(trainer.num_val_batches):
@@ -451,6 +463,15 @@ def _validate_during_fit(trainer: RankTrainer) -> None:
     hooks.call_module(trainer, "on_validation_model_zero_grad")
     run_evaluation(trainer, "validate", trainer.val_dataloaders, trainer.num_val_batches)
     trainer.stage = "train"
+    if trainer.is_global_zero:  # one point per validation run: Tune hears of each
+        trainer._fit_validations.append(
+            {
+                "callback_metrics": to_floats(trainer.callback_metrics),
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+                "batch_idx": trainer._batch_idx,
+            }
+        )
 
 
 # ---- evaluation and prediction ----------------------------------------------------------------

@@ -149,6 +149,8 @@ class RankTrainer:
         self._results: MetricLog | None = None
         self._train_results: MetricLog | None = None  # opened by on_train_start's logs
         self._log_rows: list[tuple[int, dict[str, float]]] = []
+        # Rank 0: this epoch's validation runs (metrics, epoch, step), for the driver's reports.
+        self._fit_validations: list[dict[str, Any]] = []
         self._current_hook: str | None = None
         self._writer = AsyncWriter()  # rank 0's checkpoint uploads
         self._hook_targets: dict[tuple[str, str], list[Any]] = {}  # see hooks._targets
