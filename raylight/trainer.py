@@ -89,6 +89,10 @@ class Trainer:
         recovery_train_time_interval: timedelta | None = None,
         ray_init_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        if default_root_dir is None and _in_tune_trial():
+            from raylight import tune
+
+            default_root_dir = tune.trial_root()  # Tune's storage holds the trial's files
         self.config = make_config(
             max_epochs=max_epochs,
             min_epochs=min_epochs,
@@ -170,7 +174,7 @@ class Trainer:
         self._display = ProgressDisplay(self.enable_progress_bar)
         self._signalled: int | None = None  # the signal that asked this fit to stop
         self._in_tune = False  # this fit runs inside a Ray Tune trial
-        self._reported_checkpoint: str | None = None
+        self._tune_checkpoint_time = 0.0  # the commit time of the newest checkpoint Tune has
         self.lightning_module: LightningModule | None = None
         self.datamodule: LightningDataModule | None = None
         self.current_epoch = 0
@@ -248,13 +252,15 @@ class Trainer:
         self.config.run_id = uuid.uuid4().hex  # tags this fit's entries in the checkpoint index
         self._connect()  # before our signal handlers: ray.init installs its own
         self._in_tune = _in_tune_trial()
+        given: contextlib.AbstractContextManager[str | None] = contextlib.nullcontext(ckpt_path)
         if self._in_tune and ckpt_path is None:
             from raylight import tune
 
-            ckpt_path = tune.checkpoint_from_tune()  # PBT's exploit, or a restarted trial
-        resume, first_step = ckpt_path, None
+            # PBT's exploit, or a restarted trial: held under default_root_dir during the fit.
+            given = tune.checkpoint_from_tune(self.config.default_root_dir)
         self._display = ProgressDisplay(self.enable_progress_bar)
-        with self._stop_on_signals(), contextlib.closing(self._display):
+        with given as ckpt_path, self._stop_on_signals(), contextlib.closing(self._display):
+            resume, first_step = ckpt_path, None
             while True:
                 try:
                     return self._fit_attempt(model, datamodule, loaders, resume)
@@ -309,18 +315,26 @@ class Trainer:
         return group.run_on_all("fit_end", what="fit end")[0]
 
     def _report_to_tune(self, summary: dict[str, Any]) -> None:
-        """Every epoch: the logged metrics, and the newest checkpoint this fit committed if
-        Tune has not had it yet (schedulers such as PBT restore trials from it)."""
+        """One report per validation run of the epoch, in order (per epoch end in a fit
+        without validation): the metrics logged by then, ``epoch`` and ``step``, and the
+        newest checkpoint committed by then if Tune has not had it or a newer one yet
+        (schedulers such as PBT restore trials from it)."""
         from raylight import tune
 
-        metrics = {**summary["callback_metrics"], "epoch": summary["epoch"]}
-        metrics["step"] = summary["global_step"]
-        self._writer_flush()
-        entry = checkpoint.latest_of_run(self.config.default_root_dir, self.config.run_id)
-        path = entry["path"] if entry else None
-        fresh = path if path != self._reported_checkpoint else None
-        self._reported_checkpoint = path or self._reported_checkpoint
-        tune.report(metrics, fresh)
+        points = summary["validations"]
+        if not points and not summary["validation_enabled"]:
+            points = [summary]
+        if points:
+            self._writer_flush()
+        root = self.config.default_root_dir
+        for point in points:
+            metrics = {**point["callback_metrics"], "epoch": point["epoch"]}
+            metrics["step"] = point["global_step"]
+            entry = checkpoint.latest_of_run(root, self.config.run_id, point["global_step"])
+            fresh = entry is not None and entry["time"] > self._tune_checkpoint_time
+            if fresh:
+                self._tune_checkpoint_time = entry["time"]
+            tune.report(metrics, entry["path"] if fresh else None, root)
 
     def _writer_flush(self) -> None:
         """Wait until rank 0's checkpoints are committed, so the index names them."""

@@ -6,21 +6,35 @@
     tuner = tune.Tuner(tune.with_resources(train_fn, resources(num_workers=2)), ...)
 
 ``resources`` reserves one bundle for the trial's function (the Trainer's driver) and one
-per worker. Inside a trial the Trainer places its workers in those bundles, so a sweep never
-oversubscribes the cluster; reports the logged metrics (plus ``epoch`` and ``step``) to Tune
-after every epoch, with the newest checkpoint the epoch committed, so schedulers such as ASHA
-can stop bad trials early; and resumes from ``ray.tune.get_checkpoint()`` when Tune hands the
-trial one (PopulationBasedTraining, or a trial restarted by ``FailureConfig``).
+per worker. Inside a trial the Trainer:
+
+- places its workers in those bundles, so a sweep never oversubscribes the cluster;
+- reports to Tune once per validation run (several per epoch with ``val_check_interval``;
+  once per epoch end when the fit has no validation): the logged metrics, plus ``epoch``
+  and ``step``, with the newest checkpoint committed by then, so schedulers such as ASHA
+  can stop bad trials early. The reports of an epoch reach Tune when the epoch ends;
+- keeps its files in the trial's folder in Tune's storage (``RunConfig(storage_path=...)``)
+  when ``default_root_dir`` is not given and that storage is a filesystem path; Tune's own
+  checkpoints there follow its ``CheckpointConfig(num_to_keep=...)``;
+- resumes from ``ray.tune.get_checkpoint()`` when Tune hands the trial one
+  (PopulationBasedTraining, or a trial restarted by ``FailureConfig``).
+
+A ``TuneConfig(metric=...)`` that the module never logs is Tune's own error at the trial's
+first report; it names the metric and shows the reported ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from ray.tune import PlacementGroupFactory
+
+from raylight import storage
 
 CHECKPOINT_NAME = "checkpoint.ckpt"  # the file inside a checkpoint directory handed to Tune
 
@@ -54,33 +68,78 @@ def trial_placement_group() -> Any:
     return ray.util.get_current_placement_group() if in_trial() else None
 
 
-def report(metrics: dict[str, float], checkpoint_path: str | None) -> None:
-    """``ray.tune.report`` with ``checkpoint_path`` (a .ckpt file) as a Tune checkpoint."""
+def trial_root() -> str | None:
+    """The trial's folder in Tune's storage, when that storage is a filesystem path (local
+    or mounted on every node); None for object stores, whose URI Tune does not keep.
+
+    ``get_trial_dir()`` would not do: it names a local staging folder outside the storage.
+    """
+    from ray import tune
+
+    try:  # get_storage is Tune's developer API: its StorageContext has the trial's path
+        context = tune.get_context().get_storage()
+        filesystem, path = context.storage_filesystem, context.trial_fs_path
+    except (AttributeError, RuntimeError):
+        return None
+    return path if filesystem.type_name == "local" else None
+
+
+def report(metrics: dict[str, float], checkpoint_path: str | None, root: str) -> None:
+    """``ray.tune.report`` with ``checkpoint_path`` (a .ckpt file) as a Tune checkpoint.
+
+    The file reaches Tune through a folder under ``root`` that holds a hard link to it (no
+    copy on the same filesystem); Tune copies it into its storage, and the folder goes.
+    """
     from ray import tune
 
     if checkpoint_path is None:
         tune.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="raylight-tune-") as folder:
-        _link_or_copy(checkpoint_path, os.path.join(folder, CHECKPOINT_NAME))
+    staging = None if storage.is_uri(root) else root
+    if staging is not None:
+        os.makedirs(staging, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".raylight-tune-", dir=staging) as folder:
+        _place(checkpoint_path, os.path.join(folder, CHECKPOINT_NAME))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def checkpoint_from_tune() -> str | None:
-    """The .ckpt of the checkpoint Tune gives this trial to start from, copied locally."""
+@contextlib.contextmanager
+def checkpoint_from_tune(root: str) -> Iterator[str | None]:
+    """The .ckpt of the checkpoint Tune gives this trial to start from, or None.
+
+    Held under ``root`` while the context lasts (Tune may delete its own copy meanwhile,
+    under ``num_to_keep``; a failure before this fit's first checkpoint resumes from it).
+    One name per trial: a trial stopped mid-fit (PBT pauses) leaves one at most.
+    """
     from ray import tune
 
     given = tune.get_checkpoint()
     if given is None:
-        return None
-    target = os.path.join(tempfile.mkdtemp(prefix="raylight-tune-"), CHECKPOINT_NAME)
+        yield None
+        return
+    target = storage.join(root, ".raylight-tune-restore.ckpt")
     with given.as_directory() as folder:
-        shutil.copyfile(os.path.join(folder, CHECKPOINT_NAME), target)
-    return target
-
-
-def _link_or_copy(source: str, target: str) -> None:
+        source = os.path.join(folder, CHECKPOINT_NAME)
+        if storage.is_uri(root):
+            with open(source, "rb") as file:
+                storage.write_bytes(target, file.read())
+        else:
+            os.makedirs(root, exist_ok=True)
+            storage.delete(target)
+            _place(source, target)
     try:
-        os.link(source, target)  # no copy on the same filesystem; Tune copies it to storage
+        yield target
+    finally:
+        storage.delete(target)
+
+
+def _place(source: str, target: str) -> None:
+    """Put the checkpoint ``source`` (a path or a URI) at the local path ``target``."""
+    if storage.is_uri(source):
+        with open(target, "wb") as file:
+            file.write(storage.read_bytes(source))
+        return
+    try:
+        os.link(source, target)  # no copy on the same filesystem
     except OSError:
         shutil.copyfile(source, target)
