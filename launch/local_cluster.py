@@ -79,9 +79,13 @@ class LocalCluster:
         resources: dict[str, float] | None = None,
         hide: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        node_ip: str | None = None,
     ) -> subprocess.Popen:
-        """A worker node; ``env`` reaches the processes of its workers."""
+        """A worker node; ``env`` reaches the processes of its workers. A ``node_ip`` other
+        than the head's (127.0.0.2, say) makes it look like another machine to Ray."""
         args = [f"--address={self.address}", f"--num-cpus={num_cpus}"]
+        if node_ip:
+            args.append(f"--node-ip-address={node_ip}")
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         node = self._start(args, hide, env or {})

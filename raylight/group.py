@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
-from raylight import storage
+from raylight import shipping, storage
 from raylight.config import MisconfigurationException, Scaling
 from raylight.worker import Worker
 
@@ -97,6 +98,22 @@ def rank_order(node_ids: list[str]) -> list[int]:
     return sorted(range(len(node_ids)), key=lambda i: (node_order[node_ids[i]], i))
 
 
+def autoscaler_ceiling() -> dict[str, float]:
+    """The most of each resource the cluster's autoscaler may add, from its node types
+    (empty without an autoscaler). Read the way Ray Train and Ray Data read it."""
+    try:
+        from ray._private.state import state
+
+        return dict(state.get_max_resources_from_cluster_config() or {})
+    except Exception:  # an older or newer Ray without it: judge by what exists now
+        return {}
+
+
+def most_resources(total: dict[str, float], grown: dict[str, float]) -> dict[str, float]:
+    """What the cluster may have at most: what it has, or what the autoscaler may reach."""
+    return {k: max(total.get(k, 0.0), grown.get(k, 0.0)) for k in {*total, *grown}}
+
+
 def fitting_workers(bundle: dict[str, float], available: dict[str, float]) -> int:
     """How many workers of ``bundle`` the free resources could hold (an upper bound: a
     worker must fit on one node, and the free amounts are cluster-wide sums)."""
@@ -153,6 +170,7 @@ class WorkerGroup:
             "node_info", timeout_s=self.placement_timeout_s, what="worker start"
         )
         self._order_ranks(actors, infos)
+        _warn_on_version_mismatch(infos)
         port = self.run_on_ranks([0], "free_port", timeout_s=60, what="rendezvous")[0]
         master_addr = self.infos[0]["node_ip"]
         refs = [
@@ -190,11 +208,13 @@ class WorkerGroup:
         scaling, bundle = self.scaling, self.scaling.bundle()
         smallest = scaling.min_workers if scaling.elastic else scaling.num_workers
         total = ray.cluster_resources()
-        if fitting_workers(bundle, total) < smallest:
+        grown = autoscaler_ceiling()
+        if fitting_workers(bundle, most_resources(total, grown)) < smallest:
+            can_grow = f", and its autoscaler can grow it to {_format_resources(grown)}"
             raise ResourcesUnavailable(
                 f"{_describe_request(scaling)}, but the cluster has "
-                f"{_format_resources(total)} in all. Ask for fewer workers or resources, "
-                "or add nodes that have them."
+                f"{_format_resources(total)} in all{can_grow if grown else ''}. Ask for fewer "
+                "workers or resources, or add nodes that have them."
             )
         release_leaked_bundles(self.removed_pgs)
         size = scaling.num_workers
@@ -220,7 +240,13 @@ class WorkerGroup:
                     f"cluster still could not place them (free now: "
                     f"{_format_resources(ray.available_resources())}; total: "
                     f"{_format_resources(total)}). Other jobs may hold the resources, or no "
-                    "single node fits one worker."
+                    "single node fits one worker"
+                    + (
+                        "; or the autoscaler is still adding nodes: a larger "
+                        "Trainer(placement_timeout_s=...) waits for them."
+                        if grown
+                        else "."
+                    )
                 )
             size -= 1
 
@@ -414,6 +440,25 @@ _COLLECTIVE_BROKEN = (
 )
 _SIGNAL_SLICE_S = 0.25  # also how often a progress bar moves
 _PEER_DEATH_GRACE_S = 3.0  # how long Ray may take to report the death behind a broken collective
+
+
+_warned_versions: set[str] = set()  # once per node and mismatch in a driver's life
+
+
+def _warn_on_version_mismatch(infos: list[dict[str, Any]]) -> None:
+    nodes = {info["node_ip"]: info["versions"] for info in infos}
+    lines = shipping.version_mismatches(shipping.versions(), nodes)
+    fresh = [line for line in lines if line not in _warned_versions]
+    if fresh:
+        _warned_versions.update(fresh)
+        warnings.warn(
+            "the cluster runs other package versions than this driver: "
+            + "; ".join(fresh)
+            + ". Checkpoints and pickled modules may not load across them: install the "
+            "driver's versions on the cluster (cluster.yaml's setup_commands) or match the "
+            "driver to the cluster.",
+            stacklevel=2,
+        )
 
 
 def collective_broke(error: BaseException) -> bool:

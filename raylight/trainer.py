@@ -25,7 +25,7 @@ import ray
 import torch
 from ray import cloudpickle
 
-from raylight import checkpoint, storage
+from raylight import checkpoint, shipping, storage
 from raylight.callbacks import Callback, ModelCheckpoint, ModelSummary
 from raylight.config import NO_TRAIN_LOADER, MisconfigurationException, make_config, make_scaling
 from raylight.controller import Controller
@@ -672,16 +672,18 @@ class Trainer:
 
         ``RAY_ADDRESS`` wins (``ray job submit`` sets it); otherwise a cluster already running
         on this node is joined (``ray submit`` runs scripts on the head node); otherwise, as on
-        a laptop, a local instance sized to the request is started.
+        a laptop, a local instance sized to the request is started. Joining a cluster ships
+        the driver's uninstalled modules with the job (see ``shipping``).
         """
         if ray.is_initialized():
             return
         kwargs = {"logging_level": logging.WARNING, "log_to_driver": True, **self._ray_init_kwargs}
         address = self._ray_address
+        joining = {**kwargs, **_code_for_the_cluster(kwargs)}
         if address and address != "local":
             _probe(address)
             try:
-                ray.init(address=address, **kwargs)
+                ray.init(address=address, **joining)
             except (ConnectionError, RuntimeError) as error:
                 raise ConnectionError(
                     f"RAY_ADDRESS={address!r} points to no reachable Ray cluster ({error}). "
@@ -691,7 +693,7 @@ class Trainer:
             return
         if address is None:
             try:
-                ray.init(address="auto", **kwargs)
+                ray.init(address="auto", **joining)
                 return
             except ConnectionError:
                 pass  # no cluster on this node: start our own
@@ -836,6 +838,16 @@ def _resolve_loggers(logger: Any, default_root_dir: str) -> list[Logger]:
                 "log_hyperparams and finalize (see raylight.loggers.Logger)."
             )
     return loggers
+
+
+def _code_for_the_cluster(init_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``ray.init``'s job-level ``runtime_env`` carrying the driver's own modules to every
+    node, unless the user set a runtime_env or the driver already runs inside a job that has
+    one (``ray job submit --working-dir``)."""
+    if "runtime_env" in init_kwargs:
+        return {}
+    code = shipping.user_code()
+    return {"runtime_env": {"py_modules": code}} if code else {}
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from raylight import checkpoint, hooks, loops, storage
+from raylight import checkpoint, hooks, loops, shipping, storage
 from raylight.config import MisconfigurationException, TrainerConfig
 from raylight.data import request_loaders
 from raylight.module import LightningModule
@@ -105,6 +105,7 @@ class Worker:
             "node_id": context.get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "pid": os.getpid(),
+            "versions": shipping.versions(),
         }
 
     def sees_path(self, path: str) -> bool:

@@ -12,7 +12,13 @@ from models import Classifier, DataModule, loader
 
 import raylight as pl
 from raylight.config import MisconfigurationException
-from raylight.group import ResourcesUnavailable, WorkerFailure
+from raylight.group import (
+    ResourcesUnavailable,
+    WorkerFailure,
+    autoscaler_ceiling,
+    fitting_workers,
+    most_resources,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -150,6 +156,20 @@ def test_too_many_workers_wait_is_bounded(ray_session):
         ResourcesUnavailable, match="needs .*'CPU': 3.0.* per worker x 2.*cluster has"
     ):
         trainer.fit(Classifier(), loader())
+
+
+def test_what_the_cluster_may_have_counts_what_its_autoscaler_can_add():
+    total = {"CPU": 4.0, "memory": 1e9}
+    grown = {"CPU": 16.0, "GPU": 4.0}
+    ceiling = most_resources(total, grown)
+    assert ceiling == {"CPU": 16.0, "GPU": 4.0, "memory": 1e9}
+    assert fitting_workers({"CPU": 1.0, "GPU": 1.0}, total) == 0  # judged by now: never
+    assert fitting_workers({"CPU": 1.0, "GPU": 1.0}, ceiling) == 4  # it may come: wait
+    assert most_resources(total, {}) == total  # no autoscaler
+
+
+def test_a_cluster_without_an_autoscaler_has_no_ceiling_above_its_nodes(ray_session):
+    assert autoscaler_ceiling() == {}
 
 
 @pytest.mark.parametrize(
