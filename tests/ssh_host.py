@@ -30,16 +30,18 @@ from pathlib import Path
 PORT = 22  # the cluster launcher has no SSH port setting
 
 
-def missing_prerequisites() -> list[str]:
-    """What this machine lacks to run the server (empty when it can)."""
+def missing_prerequisites(ports: tuple[int, ...] = ()) -> list[str]:
+    """What this machine lacks to run the server, and services on ``ports`` on its network
+    (this machine's); empty when it has everything."""
     missing = [
         tool for tool in ("sshd", "ssh", "ssh-keygen", "rsync", "unshare") if not _which(tool)
     ]
     if os.geteuid() != 0:
         missing.append("root (namespaces and mounts)")
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", PORT)) == 0:
-            missing.append(f"a free port {PORT} on 127.0.0.1")
+    for port in (PORT, *ports):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                missing.append(f"a free port {port} on 127.0.0.1")
     return missing
 
 

@@ -29,16 +29,20 @@ pytestmark = [pytest.mark.cluster_launch, pytest.mark.e2e, pytest.mark.timeout(1
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 HEAD = "127.0.0.1"
+# The head's fixed ports: GCS, dashboard, and the dashboard agent that runs submitted jobs.
+# The node shares this machine's network, so another Ray here must not hold them.
+RAY_PORTS = (6379, 8265, 52365)
 ACCURACY = re.compile(r"test accuracy: (\d\.\d+)")
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    missing = missing_prerequisites()
+    missing = missing_prerequisites(RAY_PORTS)
     if missing:
         pytest.fail(
             "the cluster-launch test needs " + ", ".join(missing) + "; `.ci/run` installs "
-            "openssh-server and rsync (apt) and runs it as root",
+            "openssh-server and rsync (apt), runs it as root, and runs it alone: any other Ray "
+            "on this machine takes the ports a head node listens on",
             pytrace=False,
         )
     host = LoopbackSSHHost(tmp_path_factory.mktemp("node"))
@@ -84,7 +88,7 @@ def _run(command: list[str], env: dict[str, str], timeout_s: float) -> str:
     return output
 
 
-def _submit_job(entrypoint: list[str], env: dict[str, str], attempts: int = 6) -> str:
+def _submit_job(config: str, entrypoint: list[str], env: dict[str, str], attempts=6) -> str:
     """``ray job submit``; the head's job agent registers some seconds after ``ray up``
     returns, and until then Ray answers "No available agent ... try again later"."""
     command = [RAY, "job", "submit", "--address", f"http://{HEAD}:8265", "--working-dir", "."]
@@ -101,8 +105,23 @@ def _submit_job(entrypoint: list[str], env: dict[str, str], attempts: int = 6) -
         if "No available agent" not in output or attempt == attempts - 1:
             break
         time.sleep(10)
+    if done.returncode and "No available agent" in output:
+        output += _head_log(config, "dashboard_agent.log", env)
     assert done.returncode == 0, f"`ray job submit` exited {done.returncode}:\n{output}"
     return output
+
+
+def _head_log(config: str, name: str, env: dict[str, str]) -> str:
+    """The end of one of the head node's Ray logs, for a failure message."""
+    shown = subprocess.run(
+        [RAY, "exec", config, f"tail -n 40 /tmp/ray/session_latest/logs/{name}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return f"\n--- the head's {name} ---\n{shown.stdout[-6000:]}"
 
 
 def _accuracy(output: str) -> float:
@@ -133,9 +152,24 @@ def test_ray_up_submit_job_submit_and_down_on_cluster_yaml(config, user_env, tmp
         counts = [line.strip() for line in sessions.splitlines() if line.strip().isdigit()]
         assert counts == ["1"], sessions
 
-        job = _submit_job(["python", "examples/mnist.py", *example], user_env)
+        job = _submit_job(config, ["python", "examples/mnist.py", *example], user_env)
         assert _accuracy(job) > 0.3
         assert "succeeded" in job.lower(), job
+
+        # More workers than the cluster, grown by its autoscaler, can ever hold: an error
+        # at once that lists what it has, not a wait for nodes that cannot come.
+        too_many = subprocess.run(
+            [RAY, "submit", config, "examples/mnist.py", "--", *example, "--num-workers", "64"],
+            cwd=REPO,
+            env=user_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        refused = too_many.stdout + too_many.stderr
+        assert too_many.returncode != 0, refused
+        assert "ResourcesUnavailable" in refused and "per worker x 64" in refused, refused
+        assert "in all" in refused, refused  # the immediate error, not the timed-out wait
     finally:
         down = subprocess.run(
             [RAY, "down", "-y", config],
