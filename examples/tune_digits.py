@@ -32,43 +32,82 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=8, help="trials")
     parser.add_argument("--num-workers", type=int, default=2, help="workers per trial")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--max-epochs", type=int, default=10)
     parser.add_argument("--pbt", action="store_true", help="PopulationBasedTraining, not ASHA")
-    parser.add_argument("--storage-path", default=os.path.abspath("tune_results"))
+    parser.add_argument(
+        "--default-root-dir",
+        "--storage-path",
+        default=os.path.abspath("tune_results"),
+        help="Tune's storage: a path or storage URI (s3://, gs://) that every node reaches",
+    )
+    parser.add_argument(
+        "--ckpt-path",
+        default=None,
+        help="resume the sweep saved there (<default-root-dir>/tune_digits) instead of a new one",
+    )
     return parser.parse_args(argv)
+
+
+def _connect(num_workers: int) -> None:
+    """Join the cluster this runs on (ray submit, ray job submit); else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "auto")
+    if address != "local":
+        try:
+            ray.init(address=address)
+            return
+        except ConnectionError:
+            if address != "auto":
+                raise
+    # A laptop: enough logical CPUs for one trial (its driver plus its workers).
+    ray.init(
+        address="local", num_cpus=max(os.cpu_count() or 1, 1 + num_workers), include_dashboard=False
+    )
+
+
+def _scheduler(args: argparse.Namespace) -> tune.schedulers.TrialScheduler:
+    if args.pbt:
+        return tune.schedulers.PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=2,
+            hyperparam_mutations={"lr": tune.loguniform(1e-3, 1e-1)},
+        )
+    return tune.schedulers.ASHAScheduler(max_t=args.max_epochs, grace_period=2)
 
 
 def main(argv: list[str] | None = None) -> float:
     args = _parse_args(argv)
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        # A laptop: enough logical CPUs for one trial (its driver plus its workers).
-        ray.init(num_cpus=max(os.cpu_count() or 1, 1 + args.num_workers), include_dashboard=False)
+    _connect(args.num_workers)
 
     def train_fn(config):
         trainer = pl.Trainer(
             num_workers=args.num_workers,
+            use_gpu=args.use_gpu,
             max_epochs=args.max_epochs,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
         trainer.fit(DigitsModel(lr=config["lr"]), DigitsDataModule(batch_size=config["batch_size"]))
 
-    if args.pbt:
-        scheduler = tune.schedulers.PopulationBasedTraining(
-            time_attr="training_iteration",
-            perturbation_interval=2,
-            hyperparam_mutations={"lr": tune.loguniform(1e-3, 1e-1)},
-        )
-    else:
-        scheduler = tune.schedulers.ASHAScheduler(max_t=args.max_epochs, grace_period=2)
-    tuner = tune.Tuner(
-        tune.with_resources(train_fn, resources(num_workers=args.num_workers)),
-        param_space={"lr": tune.loguniform(1e-3, 1e-1), "batch_size": tune.choice([32, 64])},
-        tune_config=tune.TuneConfig(
-            metric="val_loss", mode="min", num_samples=args.num_samples, scheduler=scheduler
-        ),
-        run_config=tune.RunConfig(storage_path=args.storage_path, name="tune_digits"),
+    trainable = tune.with_resources(
+        train_fn, resources(num_workers=args.num_workers, use_gpu=args.use_gpu)
     )
+    if args.ckpt_path:  # an interrupted sweep: unfinished trials go on from their checkpoints
+        tuner = tune.Tuner.restore(args.ckpt_path, trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"lr": tune.loguniform(1e-3, 1e-1), "batch_size": tune.choice([32, 64])},
+            tune_config=tune.TuneConfig(
+                metric="val_loss",
+                mode="min",
+                num_samples=args.num_samples,
+                scheduler=_scheduler(args),
+            ),
+            run_config=tune.RunConfig(storage_path=args.default_root_dir, name="tune_digits"),
+        )
     best = tuner.fit().get_best_result()
     print(f"best config: {best.config}")
     with best.checkpoint.as_directory() as folder:

@@ -3,6 +3,7 @@ starts its own embedded Ray."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -18,13 +19,28 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 def _run(args: list[str], timeout: int = 300) -> str:
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh embedded instance, not the tests' one
-    if args[0] == "examples/tune_digits.py":
-        env.pop("RAY_ADDRESS")  # it starts its own instance, sized for one trial
     result = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+EXAMPLES = ["digits", "mnist", "image_classifier", "elastic", "tune_digits"]
+REQUIRED = {"image_classifier": ["--data-dir", "images"]}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_example_takes_the_cluster_flags(name):
+    """The flags the README's cluster section passes through ray submit and ray job submit."""
+    module = importlib.import_module(f"examples.{name}")
+    args = module._parse_args(
+        [*REQUIRED.get(name, []), "--num-workers", "3", "--use-gpu", "--max-epochs", "4",
+         "--default-root-dir", "s3://bucket/runs", "--ckpt-path", "s3://bucket/runs/last.ckpt"]
+    )  # fmt: skip
+    assert (args.num_workers, args.use_gpu, args.max_epochs) == (3, True, 4)
+    assert args.default_root_dir == "s3://bucket/runs"
+    assert args.ckpt_path == "s3://bucket/runs/last.ckpt"
 
 
 def _accuracy(output: str) -> float:
@@ -80,6 +96,6 @@ def test_elastic_example_recovers_from_a_killed_worker(tmp_path):
 
 def test_tune_example_runs_an_asha_sweep_of_distributed_trials(tmp_path):
     args = ["examples/tune_digits.py", "--num-samples", "2", "--max-epochs", "2"]
-    output = _run([*args, "--storage-path", str(tmp_path)], timeout=600)
+    output = _run([*args, "--default-root-dir", str(tmp_path)], timeout=600)
     assert "best config: {'lr': " in output
     assert _accuracy(output) >= 0.8
