@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 
+import ray
 import torch
 import torch.distributed as dist
 from models import Classifier, IndexedDataset
@@ -84,6 +85,11 @@ class WaitsForNodeBack(pl.Callback):
             if not os.path.exists(shrunk):
                 open(shrunk, "w").close()
                 _wait_for(os.path.join(self.workdir, "node-back"))
+                # On a loaded machine the new node's CPU shows as free a moment after the
+                # node is up; the driver's grow check at this epoch end must see it.
+                deadline = time.monotonic() + 60
+                while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
+                    time.sleep(0.2)
 
 
 def _loader() -> DataLoader:
