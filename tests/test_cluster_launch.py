@@ -124,6 +124,14 @@ def _head_log(config: str, name: str, env: dict[str, str]) -> str:
     return f"\n--- the head's {name} ---\n{shown.stdout[-6000:]}"
 
 
+def _ray_sessions_on_head(config: str, env: dict[str, str]) -> int:
+    """How many Ray instances have run on the head (one session folder each)."""
+    listed = _run([RAY, "exec", config, "ls /tmp/ray | grep -c '^session_2'"], env, 120)
+    counts = [line.strip() for line in listed.splitlines() if line.strip().isdigit()]
+    assert len(counts) == 1, listed
+    return int(counts[0])
+
+
 def _accuracy(output: str) -> float:
     found = ACCURACY.findall(output)
     assert found, f"the example printed no test accuracy:\n{output}"
@@ -144,17 +152,12 @@ def test_ray_up_submit_job_submit_and_down_on_cluster_yaml(config, user_env, tmp
         )
         assert _accuracy(submitted) > 0.3  # learnable data: chance is 0.1
         # The script joined the cluster `ray up` started instead of starting a second Ray.
-        sessions = _run(
-            [RAY, "exec", config, "ls /tmp/ray | grep -c '^session_2'"],
-            user_env,
-            timeout_s=120,
-        )
-        counts = [line.strip() for line in sessions.splitlines() if line.strip().isdigit()]
-        assert counts == ["1"], sessions
+        assert _ray_sessions_on_head(config, user_env) == 1
 
         job = _submit_job(config, ["python", "examples/mnist.py", *example], user_env)
         assert _accuracy(job) > 0.3
         assert "succeeded" in job.lower(), job
+        assert _ray_sessions_on_head(config, user_env) == 1  # the job joined it too
 
         # More workers than the cluster, grown by its autoscaler, can ever hold: an error
         # at once that lists what it has, not a wait for nodes that cannot come.
