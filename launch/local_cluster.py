@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -120,7 +121,7 @@ class LocalCluster:
         return node
 
     def _wait_for_nodes(self, count: int, timeout_s: float = 60) -> None:
-        script = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
+        script = "import ray; ray.init(); print('ALIVE', sum(n['Alive'] for n in ray.nodes()))"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             dead = [n.args for n in self._alive() if n.poll() is not None]
@@ -128,7 +129,9 @@ class LocalCluster:
             result = subprocess.run(
                 [sys.executable, "-c", script], env=self.env(), capture_output=True, text=True
             )
-            if result.returncode == 0 and int(result.stdout.split()[-1]) >= count:
+            # Ray may print its own notes to stdout too: read the one line this script wrote.
+            alive = re.findall(r"^ALIVE (\d+)$", result.stdout, flags=re.MULTILINE)
+            if result.returncode == 0 and alive and int(alive[-1]) >= count:
                 return
             time.sleep(1)
         raise TimeoutError(f"{count} Ray nodes did not come up in {timeout_s} s: {self.temp_dir}")
