@@ -2,11 +2,12 @@
 
 A LightningModule pickles by reference to its module (``mymodel.LitModel``), so a worker must
 be able to import that module. On the driver's machine it can: workers get the driver's
-``sys.path``. On another machine, the modules the driver imported from outside any installed
-location (a script's sibling files, a project folder, an editable install) travel with the
-worker as Ray ``py_modules``, unless the job already ships code itself (``ray job submit
---working-dir``, or a ``runtime_env`` of the user's). Installed packages are not shipped: the
-cluster must have them, and ``version_mismatches`` says when its versions differ.
+``sys.path``. For other machines, a Trainer that joins a running cluster hands the modules
+the driver imported from outside any installed location (a script's sibling files, a project
+folder, an editable install) to ``ray.init`` as the job's ``py_modules``, unless the job
+already carries code (``ray job submit --working-dir``, or a ``runtime_env`` of the user's).
+Installed packages are not shipped: the cluster must have them, and ``version_mismatches``
+says when its versions differ.
 """
 
 from __future__ import annotations

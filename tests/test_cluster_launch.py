@@ -6,8 +6,8 @@ server on loopback (``ssh_host.py``). The one override is the SSH key: a copy of
 not from ``HOME``). The commands run from the repository root with ``HOME`` set to a fresh
 folder, where the README's first step writes ``~/.ray/auth_token``.
 
-Slow (minutes), so it is not part of the default suite: ``.ci/run`` runs it as its own step,
-``python -m pytest -m cluster_launch``.
+Slow (a minute or more) and alone on the machine, so not in the default suite: ``.ci/run``
+runs it as its own step, ``python -m pytest -m cluster_launch``.
 """
 
 from __future__ import annotations
