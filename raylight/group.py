@@ -98,20 +98,46 @@ def rank_order(node_ids: list[str]) -> list[int]:
     return sorted(range(len(node_ids)), key=lambda i: (node_order[node_ids[i]], i))
 
 
-def autoscaler_ceiling() -> dict[str, float]:
-    """The most of each resource the cluster's autoscaler may add, from its node types
-    (empty without an autoscaler). Read the way Ray Train and Ray Data read it."""
+def _autoscaler_ceiling() -> dict[str, float]:
+    """The most of each resource the cluster's node types allow, when the autoscaler has
+    published them (KubeRay's does; a `ray up` cluster's in Ray 2.60 does not). Empty
+    otherwise. Read the way Ray Train and Ray Data read it."""
     try:
         from ray._private.state import state
 
         return dict(state.get_max_resources_from_cluster_config() or {})
-    except Exception:  # an older or newer Ray without it: judge by what exists now
+    except Exception:  # a Ray without it: judge by the rest
         return {}
 
 
-def most_resources(total: dict[str, float], grown: dict[str, float]) -> dict[str, float]:
-    """What the cluster may have at most: what it has, or what the autoscaler may reach."""
-    return {k: max(total.get(k, 0.0), grown.get(k, 0.0)) for k in {*total, *grown}}
+def _autoscaler_running() -> bool:
+    """Whether an autoscaler that launches nodes watches this cluster (a `ray up` or
+    KubeRay cluster); False for `ray.init()` and `ray start` clusters, whose monitor only
+    reports."""
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10)
+        return str(status.stats.autoscaler_version or "0") != "0"
+    except Exception:  # a Ray without it: judge by what exists now
+        return False
+
+
+def never_fits(
+    bundle: dict[str, float],
+    count: int,
+    total: dict[str, float],
+    ceiling: dict[str, float],
+    autoscaling: bool,
+) -> bool:
+    """Whether ``count`` workers of ``bundle`` can never be placed: beyond what the cluster
+    has and, when known, what its autoscaler's node types allow. An autoscaler whose limits
+    are unknown may still add the nodes, so the request is not judged hopeless then."""
+    if ceiling:
+        total = {k: max(total.get(k, 0.0), ceiling.get(k, 0.0)) for k in {*total, *ceiling}}
+    elif autoscaling:
+        return False
+    return fitting_workers(bundle, total) < count
 
 
 def fitting_workers(bundle: dict[str, float], available: dict[str, float]) -> int:
@@ -126,6 +152,7 @@ class WorkerGroup:
     def __init__(self, scaling: Scaling, placement_timeout_s: float) -> None:
         self.scaling = scaling
         self.placement_timeout_s = placement_timeout_s
+        self.version_warnings: set[str] = set()  # the Trainer's, so a restart does not repeat
         self._pg: Any = None
         self.actors: list[Any] = []  # indexed by rank
         self.infos: list[dict[str, Any]] = []
@@ -170,7 +197,7 @@ class WorkerGroup:
             "node_info", timeout_s=self.placement_timeout_s, what="worker start"
         )
         self._order_ranks(actors, infos)
-        _warn_on_version_mismatch(infos)
+        _warn_on_version_mismatch(infos, self.version_warnings)
         port = self.run_on_ranks([0], "free_port", timeout_s=60, what="rendezvous")[0]
         master_addr = self.infos[0]["node_ip"]
         refs = [
@@ -208,13 +235,14 @@ class WorkerGroup:
         scaling, bundle = self.scaling, self.scaling.bundle()
         smallest = scaling.min_workers if scaling.elastic else scaling.num_workers
         total = ray.cluster_resources()
-        grown = autoscaler_ceiling()
-        if fitting_workers(bundle, most_resources(total, grown)) < smallest:
-            can_grow = f", and its autoscaler can grow it to {_format_resources(grown)}"
+        ceiling = _autoscaler_ceiling()
+        autoscaling = bool(ceiling) or _autoscaler_running()
+        if never_fits(bundle, smallest, total, ceiling, autoscaling):
+            can_grow = f", and its autoscaler can grow it to {_format_resources(ceiling)}"
             raise ResourcesUnavailable(
                 f"{_describe_request(scaling)}, but the cluster has "
-                f"{_format_resources(total)} in all{can_grow if grown else ''}. Ask for fewer "
-                "workers or resources, or add nodes that have them."
+                f"{_format_resources(total)} in all{can_grow if ceiling else ''}. Ask for "
+                "fewer workers or resources, or add nodes that have them."
             )
         release_leaked_bundles(self.removed_pgs)
         size = scaling.num_workers
@@ -242,9 +270,11 @@ class WorkerGroup:
                     f"{_format_resources(total)}). Other jobs may hold the resources, or no "
                     "single node fits one worker"
                     + (
-                        "; or the autoscaler is still adding nodes: a larger "
-                        "Trainer(placement_timeout_s=...) waits for them."
-                        if grown
+                        "; or the cluster's autoscaler has not added nodes for them: it may "
+                        "not be able to (`ray status` on the head shows its node types and "
+                        "what it could not place), or they boot slower than the wait (a "
+                        "larger Trainer(placement_timeout_s=...) waits longer)."
+                        if autoscaling
                         else "."
                     )
                 )
@@ -442,15 +472,13 @@ _SIGNAL_SLICE_S = 0.25  # also how often a progress bar moves
 _PEER_DEATH_GRACE_S = 3.0  # how long Ray may take to report the death behind a broken collective
 
 
-_warned_versions: set[str] = set()  # once per node and mismatch in a driver's life
-
-
-def _warn_on_version_mismatch(infos: list[dict[str, Any]]) -> None:
+def _warn_on_version_mismatch(infos: list[dict[str, Any]], warned: set[str]) -> None:
+    """Warn about each node whose packages differ, once per line in ``warned``."""
     nodes = {info["node_ip"]: info["versions"] for info in infos}
     lines = shipping.version_mismatches(shipping.versions(), nodes)
-    fresh = [line for line in lines if line not in _warned_versions]
+    fresh = [line for line in lines if line not in warned]
     if fresh:
-        _warned_versions.update(fresh)
+        warned.update(fresh)
         warnings.warn(
             "the cluster runs other package versions than this driver: "
             + "; ".join(fresh)

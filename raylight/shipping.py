@@ -32,7 +32,11 @@ def user_code() -> list[str]:
         if name == "__main__" or "." in name:  # __main__ is pickled by value
             continue
         path = _source(module)
-        if path is None or any(_under(path, root) for root in installed):
+        # Judged by where it is and where a link leads, shipped under its own name: a
+        # symlinked package imports by the link's name, not the target's.
+        if path is None or any(
+            _under(place, root) for place in (path, os.path.realpath(path)) for root in installed
+        ):
             continue
         found.add(path)
     return sorted(found)
@@ -55,11 +59,23 @@ def version_mismatches(driver: dict[str, str], nodes: dict[str, dict[str, str]])
         differ = [
             f"{name} {found[name]} (driver: {driver[name]})"
             for name in VERSIONED
-            if name in found and found[name] != driver.get(name)
+            if name in found and _public(found[name]) != _public(driver.get(name, ""))
         ]
         if differ:
             lines.append(f"node {node} has " + ", ".join(differ))
     return lines
+
+
+def _public(version: str) -> str:
+    """A version without its local build tag: torch 2.14.1+cpu and 2.14.1 are one release."""
+    return version.split("+", 1)[0]
+
+
+def job_ships_code(runtime_env: dict[str, Any] | None = None) -> bool:
+    """Whether ``runtime_env`` (or else this process's job) carries code already."""
+    if runtime_env is not None:
+        return bool(runtime_env.get("working_dir") or runtime_env.get("py_modules"))
+    return _job_ships_code()
 
 
 def _job_ships_code() -> bool:
@@ -84,19 +100,21 @@ def _installed_roots() -> list[str]:
     roots = [paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths]
     roots += site.getsitepackages() + [site.getusersitepackages()]
     roots.append(os.path.dirname(raylight.__file__))
-    return [os.path.realpath(root) for root in roots if root]
+    return [os.path.realpath(root) for root in roots if root] + [
+        os.path.abspath(root) for root in roots if root
+    ]
 
 
 def _source(module: Any) -> str | None:
     """A top-level module's package folder or file, when it came from one on disk."""
     folders = list(getattr(module, "__path__", None) or [])
     if len(folders) == 1 and os.path.isdir(folders[0]):
-        return os.path.realpath(folders[0])
+        return os.path.abspath(folders[0])
     if folders:  # a namespace package split over folders: not something to ship whole
         return None
     file = getattr(module, "__file__", None)
     if file and file.endswith(".py") and os.path.isfile(file):
-        return os.path.realpath(file)
+        return os.path.abspath(file)
     return None
 
 

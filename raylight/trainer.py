@@ -169,6 +169,7 @@ class Trainer:
         self._fit_start_step: int | None = None
         self._expected_size = 0  # elastic: the size the next group should try first
         self._removed_pgs: list[Any] = []  # placement groups whose removal may not have held
+        self._version_warnings: set[str] = set()  # package mismatches already reported
         self._stop_flag: Any = None  # preemption.StopFlag actor while a fit's group runs
         self._progress_board: Any = None  # progress.ProgressBoard actor, likewise
         self._display = ProgressDisplay(self.enable_progress_bar)
@@ -651,6 +652,7 @@ class Trainer:
         group = self._group = self.worker_group_cls(self.scaling, self.placement_timeout_s)
         group.expected_size, self._expected_size = self._expected_size, 0
         group.removed_pgs = self._removed_pgs  # shared across this Trainer's groups
+        group.version_warnings = self._version_warnings
         if self._in_tune:
             from raylight import tune
 
@@ -842,12 +844,13 @@ def _resolve_loggers(logger: Any, default_root_dir: str) -> list[Logger]:
 
 def _code_for_the_cluster(init_kwargs: dict[str, Any]) -> dict[str, Any]:
     """``ray.init``'s job-level ``runtime_env`` carrying the driver's own modules to every
-    node, unless the user set a runtime_env or the driver already runs inside a job that has
-    one (``ray job submit --working-dir``)."""
-    if "runtime_env" in init_kwargs:
+    node (added to the user's ``runtime_env``), unless that runtime_env, or the job the
+    driver runs in (``ray job submit --working-dir``), carries code already."""
+    given = dict(init_kwargs.get("runtime_env") or {})
+    if shipping.job_ships_code(given):
         return {}
     code = shipping.user_code()
-    return {"runtime_env": {"py_modules": code}} if code else {}
+    return {"runtime_env": {**given, "py_modules": code}} if code else {}
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:

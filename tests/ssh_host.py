@@ -7,7 +7,7 @@ starts run in their own PID and mount namespaces:
 - ``ray stop`` there sees only the processes started through this server;
 - ``/tmp/ray`` is an empty tmpfs, so the node's Ray session files are its own;
 - the login's home is an empty folder (whose ``.bashrc`` puts this interpreter on ``PATH``,
-  as a node's image would), so ``~/raylight`` and ``~/.ray`` are the node's own;
+  as a node's image would), so ``~/src/raylight`` and ``~/.ray`` are the node's own;
 - this interpreter's prefix is an overlay, so ``pip install`` on the node changes nothing here.
 
 Everything else (the network, the rest of the filesystem) is this machine's. Needs root,

@@ -24,7 +24,12 @@ import yaml
 from mnist_data import write_mnist
 from ssh_host import LoopbackSSHHost, missing_prerequisites
 
-pytestmark = [pytest.mark.cluster_launch, pytest.mark.e2e, pytest.mark.timeout(1800)]
+pytestmark = [
+    pytest.mark.cluster_launch,
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.timeout(1800),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -159,8 +164,9 @@ def test_ray_up_submit_job_submit_and_down_on_cluster_yaml(config, user_env, tmp
         assert "succeeded" in job.lower(), job
         assert _ray_sessions_on_head(config, user_env) == 1  # the job joined it too
 
-        # More workers than the cluster, grown by its autoscaler, can ever hold: an error
-        # at once that lists what it has, not a wait for nodes that cannot come.
+        # More workers than the cluster holds. Its autoscaler (`ray up` runs one) might add
+        # nodes, and Ray does not publish what it could add: a bounded wait (the Trainer's
+        # placement_timeout_s, 60 s), then an error naming the autoscaler, not a hang.
         too_many = subprocess.run(
             [RAY, "submit", config, "examples/mnist.py", "--", *example, "--num-workers", "64"],
             cwd=REPO,
@@ -172,7 +178,7 @@ def test_ray_up_submit_job_submit_and_down_on_cluster_yaml(config, user_env, tmp
         refused = too_many.stdout + too_many.stderr
         assert too_many.returncode != 0, refused
         assert "ResourcesUnavailable" in refused and "per worker x 64" in refused, refused
-        assert "in all" in refused, refused  # the immediate error, not the timed-out wait
+        assert "after 60 s" in refused and "autoscaler has not added nodes" in refused, refused
     finally:
         down = subprocess.run(
             [RAY, "down", "-y", config],

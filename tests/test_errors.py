@@ -12,13 +12,7 @@ from models import Classifier, DataModule, loader
 
 import raylight as pl
 from raylight.config import MisconfigurationException
-from raylight.group import (
-    ResourcesUnavailable,
-    WorkerFailure,
-    autoscaler_ceiling,
-    fitting_workers,
-    most_resources,
-)
+from raylight.group import ResourcesUnavailable, WorkerFailure, never_fits
 
 pytestmark = pytest.mark.slow
 
@@ -158,18 +152,25 @@ def test_too_many_workers_wait_is_bounded(ray_session):
         trainer.fit(Classifier(), loader())
 
 
-def test_what_the_cluster_may_have_counts_what_its_autoscaler_can_add():
-    total = {"CPU": 4.0, "memory": 1e9}
-    grown = {"CPU": 16.0, "GPU": 4.0}
-    ceiling = most_resources(total, grown)
-    assert ceiling == {"CPU": 16.0, "GPU": 4.0, "memory": 1e9}
-    assert fitting_workers({"CPU": 1.0, "GPU": 1.0}, total) == 0  # judged by now: never
-    assert fitting_workers({"CPU": 1.0, "GPU": 1.0}, ceiling) == 4  # it may come: wait
-    assert most_resources(total, {}) == total  # no autoscaler
+def test_a_request_is_hopeless_only_beyond_what_an_autoscaler_could_add():
+    gpu_worker = {"CPU": 1.0, "GPU": 1.0}
+    cpu_head = {"CPU": 4.0}
+    # No autoscaler: judged by the nodes there are.
+    assert never_fits(gpu_worker, 2, cpu_head, {}, autoscaling=False)
+    assert not never_fits({"CPU": 1.0}, 4, cpu_head, {}, autoscaling=False)
+    # An autoscaler whose node types allow 4 GPUs: 2 may come, 8 never.
+    allowed = {"CPU": 20.0, "GPU": 4.0}
+    assert not never_fits(gpu_worker, 2, cpu_head, allowed, autoscaling=True)
+    assert never_fits(gpu_worker, 8, cpu_head, allowed, autoscaling=True)
+    # An autoscaler with unknown limits (a `ray up` cluster): the bounded wait decides.
+    assert not never_fits(gpu_worker, 8, cpu_head, {}, autoscaling=True)
 
 
-def test_a_cluster_without_an_autoscaler_has_no_ceiling_above_its_nodes(ray_session):
-    assert autoscaler_ceiling() == {}
+def test_the_tests_cluster_has_no_autoscaler_that_adds_nodes(ray_session):
+    from raylight.group import _autoscaler_ceiling, _autoscaler_running
+
+    assert _autoscaler_ceiling() == {}
+    assert _autoscaler_running() is False
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,7 @@ from cluster import LocalCluster, can_hide_paths
 
 import raylight
 from raylight import shipping
-
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+from raylight.trainer import _code_for_the_cluster
 
 FAR_IP = "127.0.0.2"
 FAR_VERSION = "0.0.0+far"
@@ -91,6 +90,8 @@ def _far_raylight(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_user_code_reaches_another_machine_and_version_differences_are_named(tmp_path):
     if not can_hide_paths():
         pytest.skip("needs root and unshare(1) to give a node its own filesystem view")
@@ -174,6 +175,34 @@ def test_version_mismatches_name_both_versions():
         "10.0.0.2": dict(driver),
         "10.0.0.3": {**driver, "torch": "2.13.0", "raylight": "0.0.9"},
     }
+    nodes["10.0.0.4"] = {**driver, "torch": "2.14.1+cu128"}  # the same release, a GPU build
     assert shipping.version_mismatches(driver, nodes) == [
         "node 10.0.0.3 has raylight 0.0.9 (driver: 0.1.0), torch 2.13.0 (driver: 2.14.1)"
     ]
+
+
+def test_a_symlinked_package_is_shipped_under_the_name_it_is_imported_by(tmp_path):
+    (tmp_path / "real_pkg_for_shipping").mkdir()
+    (tmp_path / "real_pkg_for_shipping" / "__init__.py").write_text("")
+    (tmp_path / "link_pkg_for_shipping").symlink_to(tmp_path / "real_pkg_for_shipping")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import link_pkg_for_shipping  # noqa: F401
+
+        code = shipping.user_code()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("link_pkg_for_shipping", None)
+    assert str(tmp_path / "link_pkg_for_shipping") in code
+    assert str(tmp_path / "real_pkg_for_shipping") not in code
+
+
+def test_a_runtime_env_of_the_users_gets_the_modules_unless_it_carries_code(monkeypatch):
+    monkeypatch.setattr(shipping, "user_code", lambda: ["/project/mymodel.py"])
+    env_vars = {"env_vars": {"NCCL_DEBUG": "INFO"}}
+    assert _code_for_the_cluster({"runtime_env": env_vars}) == {
+        "runtime_env": {"env_vars": {"NCCL_DEBUG": "INFO"}, "py_modules": ["/project/mymodel.py"]}
+    }
+    assert _code_for_the_cluster({}) == {"runtime_env": {"py_modules": ["/project/mymodel.py"]}}
+    assert _code_for_the_cluster({"runtime_env": {"working_dir": "."}}) == {}
+    assert _code_for_the_cluster({"runtime_env": {"py_modules": ["/lib"]}}) == {}
