@@ -78,8 +78,8 @@ def user_env(tmp_path):
     return env
 
 
-def _run(command: list[str], env: dict[str, str], timeout_s: float) -> str:
-    """Run a user's command from the repository root; its output, or a failure showing it."""
+def _attempt(command: list[str], env: dict[str, str], timeout_s: float) -> tuple[int, str]:
+    """Run a user's command from the repository root: its exit status and output."""
     try:
         done = subprocess.run(
             command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
@@ -88,8 +88,13 @@ def _run(command: list[str], env: dict[str, str], timeout_s: float) -> str:
         pytest.fail(
             f"`{' '.join(command)}` ran over {timeout_s} s:\n{error.stdout}\n{error.stderr}"
         )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"`{' '.join(command)}` exited {done.returncode}:\n{output}"
+    return done.returncode, done.stdout + done.stderr
+
+
+def _run(command: list[str], env: dict[str, str], timeout_s: float) -> str:
+    """A user's command that must succeed: its output, or a failure showing it."""
+    status, output = _attempt(command, env, timeout_s)
+    assert status == 0, f"`{' '.join(command)}` exited {status}:\n{output}"
     return output
 
 
@@ -98,35 +103,21 @@ def _submit_job(config: str, entrypoint: list[str], env: dict[str, str], attempt
     returns, and until then Ray answers "No available agent ... try again later"."""
     command = [RAY, "job", "submit", "--address", f"http://{HEAD}:8265", "--working-dir", "."]
     for attempt in range(attempts):
-        done = subprocess.run(
-            [*command, "--", *entrypoint],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        output = done.stdout + done.stderr
+        status, output = _attempt([*command, "--", *entrypoint], env, timeout_s=600)
         if "No available agent" not in output or attempt == attempts - 1:
             break
         time.sleep(10)
-    if done.returncode and "No available agent" in output:
+    if status and "No available agent" in output:
         output += _head_log(config, "dashboard_agent.log", env)
-    assert done.returncode == 0, f"`ray job submit` exited {done.returncode}:\n{output}"
+    assert status == 0, f"`ray job submit` exited {status}:\n{output}"
     return output
 
 
 def _head_log(config: str, name: str, env: dict[str, str]) -> str:
     """The end of one of the head node's Ray logs, for a failure message."""
-    shown = subprocess.run(
-        [RAY, "exec", config, f"tail -n 40 /tmp/ray/session_latest/logs/{name}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return f"\n--- the head's {name} ---\n{shown.stdout[-6000:]}"
+    command = [RAY, "exec", config, f"tail -n 40 /tmp/ray/session_latest/logs/{name}"]
+    _, shown = _attempt(command, env, timeout_s=120)
+    return f"\n--- the head's {name} ---\n{shown[-6000:]}"
 
 
 def _ray_sessions_on_head(config: str, env: dict[str, str]) -> int:
@@ -167,25 +158,14 @@ def test_ray_up_submit_job_submit_and_down_on_cluster_yaml(config, user_env, tmp
         # More workers than the cluster holds. Its autoscaler (`ray up` runs one) might add
         # nodes, and Ray does not publish what it could add: a bounded wait (the Trainer's
         # placement_timeout_s, 60 s), then an error naming the autoscaler, not a hang.
-        too_many = subprocess.run(
+        status, refused = _attempt(
             [RAY, "submit", config, "examples/mnist.py", "--", *example, "--num-workers", "64"],
-            cwd=REPO,
-            env=user_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
+            user_env,
+            timeout_s=300,
         )
-        refused = too_many.stdout + too_many.stderr
-        assert too_many.returncode != 0, refused
+        assert status != 0, refused
         assert "ResourcesUnavailable" in refused and "per worker x 64" in refused, refused
         assert "after 60 s" in refused and "autoscaler has not added nodes" in refused, refused
     finally:
-        down = subprocess.run(
-            [RAY, "down", "-y", config],
-            cwd=REPO,
-            env=user_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    assert down.returncode == 0, down.stdout + down.stderr
+        down_status, down = _attempt([RAY, "down", "-y", config], user_env, timeout_s=300)
+    assert down_status == 0, down

@@ -40,14 +40,18 @@ def test_resources_reserve_the_driver_and_each_worker():
     assert resources(num_workers=1, use_gpu=True).bundles[1] == {"CPU": 1.0, "GPU": 1.0}
 
 
+def _trial_trainer(**flags):
+    """A Trainer for a trial: quiet, and without a logger unless the test asks for one."""
+    return pl.Trainer(
+        **{"logger": False, "enable_progress_bar": False, "enable_model_summary": False, **flags}
+    )
+
+
 def _train(config):
-    trainer = pl.Trainer(
+    trainer = _trial_trainer(
         num_workers=2,
         max_epochs=2,
         placement_timeout_s=10,  # its own 2 workers beside the trial's 3 CPUs would not fit
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
     )
     trainer.fit(Classifier(lr=config["lr"]), datamodule=DataModule(n=64))
 
@@ -177,12 +181,9 @@ def test_a_restarted_trial_resumes_from_its_last_reported_checkpoint(ray_session
 
 
 def _sweep_trial(config):
-    trainer = pl.Trainer(
+    trainer = _trial_trainer(
         num_workers=2,
         max_epochs=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(Classifier(lr=config["lr"]), datamodule=DataModule(n=64))
 
@@ -224,12 +225,9 @@ class LogsStartStep(Classifier):
 
 
 def _pbt_trial(config):
-    trainer = pl.Trainer(
+    trainer = _trial_trainer(
         num_workers=1,
         max_epochs=6,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(LogsStartStep(lr=config["lr"]), datamodule=DataModule(n=64))
 
@@ -257,13 +255,11 @@ def test_pbt_restores_a_trial_from_another_trials_checkpoint(ray_session, tmp_pa
 
 
 def _validates_twice_per_epoch(config):
-    trainer = pl.Trainer(
+    trainer = _trial_trainer(
         num_workers=1,
         max_epochs=2,
         val_check_interval=0.5,  # 4 batches an epoch: validations after batches 2 and 4
         logger=pl.loggers.CSVLogger(config["logs"]),
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(Classifier(lr=0.5), datamodule=DataModule(n=64))
 
@@ -304,12 +300,9 @@ class MarksLaterEpochs(Classifier):
 
 
 def _logs_val_loss_only(config):
-    trainer = pl.Trainer(
+    trainer = _trial_trainer(
         num_workers=1,
         max_epochs=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(MarksLaterEpochs(config["marker"]), datamodule=DataModule(n=64))
 
@@ -343,13 +336,12 @@ def test_a_sweep_metric_that_is_never_logged_stops_the_sweep_at_the_first_report
 def _three_epochs(config):
     with open(os.path.join(config["cwds"], f"{config['lr']}.txt"), "w") as file:
         file.write(os.getcwd())
-    trainer = pl.Trainer(
+    trainer = _trial_trainer(
         num_workers=1,
         max_epochs=3,
         max_failures=1,
         recovery_every_n_train_steps=2,  # a recovery checkpoint as well as the default one
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        logger=True,
     )
     trainer.fit(Classifier(lr=config["lr"]), datamodule=DataModule(n=64))
 
