@@ -10,6 +10,7 @@ position for pytorch-lightning readers.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import io
 import json
 import time
@@ -195,17 +196,32 @@ def save_from_rank(
         dist.barrier()
 
 
+# Errors that a retry cannot mend: the disk or quota is full, the location is read-only or
+# refused. Transient ones (a dropped connection, a throttled object store) are retried.
+_PERMANENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EFBIG,
+}
+
+
 class AsyncWriter:
     """Uploads checkpoints one at a time off the training loop, with retries.
 
-    A failed upload is retried, then reported at the next save or at ``wait`` (the end of
-    fit), naming the file. Uploads stay in submission order, so the index follows commits.
+    A failed upload is retried unless the error is permanent (a full disk, say). Once one
+    fails for good, ``raise_if_failed`` raises it at the loop's next batch, so the fit stops
+    there instead of training on with nowhere to save; ``wait`` (the end of fit) raises it
+    too. Uploads stay in submission order, so the index follows commits.
     """
 
     def __init__(self, attempts: int = 3, backoff_s: float = 1.0) -> None:
         self._attempts, self._backoff_s = attempts, backoff_s
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "raylight-checkpoint")
         self._pending: list[concurrent.futures.Future[None]] = []
+        self._failure: BaseException | None = None  # set on the writer thread, read per batch
 
     def submit(self, location: str, data: bytes, on_commit: Callable[[], None] | None) -> None:
         self._raise_failures(wait_s=0)
@@ -213,11 +229,16 @@ class AsyncWriter:
 
     def after(self, action: Callable[[], None]) -> None:
         """Run ``action`` on the writer thread once every earlier upload has committed."""
-        self._pending.append(self._executor.submit(action))
+        self._pending.append(self._executor.submit(self._guarded, action))
 
     def wait(self, timeout_s: float = 600.0) -> None:
         """Block until every upload is committed; raise the first failure."""
         self._raise_failures(wait_s=timeout_s)
+
+    def raise_if_failed(self) -> None:
+        """Raise the first upload that failed for good (cheap: called between batches)."""
+        if self._failure is not None:
+            self._raise_failures(wait_s=0)
 
     def _write(self, location: str, data: bytes, on_commit: Callable[[], None] | None) -> None:
         for attempt in range(self._attempts):
@@ -225,14 +246,25 @@ class AsyncWriter:
                 storage.write_bytes(location, data)
                 break
             except OSError as error:
-                if attempt + 1 == self._attempts:
-                    raise OSError(
-                        f"checkpoint upload to {storage.redact(location)} failed after "
-                        f"{self._attempts} attempts: {error}"
-                    ) from error
+                if attempt + 1 == self._attempts or error.errno in _PERMANENT_ERRNOS:
+                    tries = f"after {attempt + 1} attempts" if attempt else "at once"
+                    self._failure = OSError(
+                        error.errno,
+                        f"checkpoint upload to {storage.redact(location)} failed {tries}: "
+                        f"{storage.redact(str(error))}. The checkpoints committed before it "
+                        "and the run's index are intact",
+                    )
+                    raise self._failure from None
                 time.sleep(self._backoff_s * 2**attempt)
         if on_commit is not None:
-            on_commit()
+            self._guarded(on_commit)
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except BaseException as error:
+            self._failure = error
+            raise
 
     def _raise_failures(self, wait_s: float) -> None:
         done, not_done = concurrent.futures.wait(self._pending, timeout=wait_s)
@@ -247,15 +279,18 @@ class AsyncWriter:
 
 def load(filepath: str) -> dict[str, Any]:
     if not storage.exists(filepath):
-        raise FileNotFoundError(f"Checkpoint at {filepath} not found: check ckpt_path.")
+        raise FileNotFoundError(
+            f"Checkpoint at {storage.redact(filepath)} not found: check ckpt_path."
+        )
     data = storage.read_bytes(filepath)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:
         raise RuntimeError(
-            f"Checkpoint at {filepath} could not be read ({type(error).__name__}: {error}). "
-            "It is truncated, corrupt or holds custom objects that weights_only loading refuses."
-        ) from error
+            f"Checkpoint at {storage.redact(filepath)} could not be read "
+            f"({type(error).__name__}: {storage.redact(str(error))}). It is truncated, corrupt "
+            "or holds custom objects that weights_only loading refuses."
+        ) from None
 
 
 def load_weights(module: Any, state_dict: dict[str, Any], filepath: str, strict: bool) -> None:

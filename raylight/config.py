@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from raylight import storage
@@ -110,12 +111,47 @@ def _check_limit(name: str, value: Any) -> int | float:
     )
 
 
+def check_seconds(name: str, value: Any) -> float:
+    """A positive duration in seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise MisconfigurationException(
+            f"Trainer({name}={value!r}) is out of range: it takes a number of seconds > 0."
+        )
+    return float(value)
+
+
+_DEVICES_TAKE = (
+    "it takes a number of devices (an int >= 1, or a string of one such as '2'), a list of "
+    "GPU ids ([0, 1] or '0,1'), -1 or 'auto'"
+)
+
+
+def _count_devices(devices: Any) -> int | None:
+    """Lightning's ``devices`` as a count (None: as many as ``num_workers`` says)."""
+    if devices in ("auto", -1, "-1", None):
+        return None
+    given = devices
+    if isinstance(devices, str) and "," in devices:  # "0,1": Lightning's GPU-id list
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+    if isinstance(devices, list | tuple):
+        if not devices or not all(str(d).isdigit() for d in devices):
+            raise MisconfigurationException(f"Trainer(devices={given!r}): {_DEVICES_TAKE}.")
+        return len(devices)
+    if isinstance(devices, str):
+        if not devices.strip().isdigit():
+            raise MisconfigurationException(f"Trainer(devices={given!r}): {_DEVICES_TAKE}.")
+        devices = int(devices)
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise MisconfigurationException(f"Trainer(devices={given!r}): {_DEVICES_TAKE}.")
+    return devices
+
+
 def make_config(**flags: Any) -> TrainerConfig:  # noqa: C901 - one check per flag
     """Check every flag and resolve Lightning's special values (None, fast_dev_run)."""
     fast_dev_run = flags.pop("fast_dev_run")
-    if fast_dev_run is True:
-        fast_dev_run = 1
-    fast_dev_run = _check_int("fast_dev_run", int(fast_dev_run or 0), 0)
+    if isinstance(fast_dev_run, bool):
+        fast_dev_run = int(fast_dev_run)
+    fast_dev_run = _check_int("fast_dev_run", fast_dev_run or 0, 0)
 
     max_epochs, max_steps = flags["max_epochs"], flags["max_steps"]
     if max_steps is None:
@@ -137,6 +173,11 @@ def make_config(**flags: Any) -> TrainerConfig:  # noqa: C901 - one check per fl
         flags[name] = _check_limit(name, 1.0 if flags[name] is None else flags[name])
     interval = flags["val_check_interval"]
     interval = 1.0 if interval is None else interval
+    if isinstance(interval, bool) or not isinstance(interval, int | float):
+        raise MisconfigurationException(
+            f"Trainer(val_check_interval={interval!r}): it takes a number of batches (int >= 1) "
+            "or a fraction of the epoch (float in (0.0, 1.0])."
+        )
     if isinstance(interval, float) and not 0.0 < interval <= 1.0:
         raise MisconfigurationException(
             f"Trainer(val_check_interval={interval!r}): a float must be in (0.0, 1.0]."
@@ -187,10 +228,48 @@ def make_config(**flags: Any) -> TrainerConfig:  # noqa: C901 - one check per fl
             val_check_interval=1.0,
             check_val_every_n_epoch=1,
         )
-    flags["default_root_dir"] = storage.absolute(
-        os.fspath(flags["default_root_dir"] or os.getcwd())
-    )
+    root = flags["default_root_dir"] or os.getcwd()
+    if not isinstance(root, str | os.PathLike):
+        raise MisconfigurationException(
+            f"Trainer(default_root_dir={root!r}): it takes a path or a storage URI "
+            "(s3://bucket/run, gs://bucket/run), as a str or os.PathLike."
+        )
+    flags["default_root_dir"] = storage.absolute(os.fspath(root))
+    timeout = flags["process_group_timeout_s"]
+    check_seconds("process_group_timeout_s", timeout)
     return TrainerConfig(fast_dev_run=fast_dev_run, **flags)
+
+
+def check_run_flags(
+    placement_timeout_s: Any,
+    elastic_check_interval: Any,
+    max_failures: Any,
+    recovery_every_n_train_steps: Any,
+    recovery_train_time_interval: Any,
+    ray_init_kwargs: Any,
+) -> None:
+    """The flags of the run on the cluster (raylight's own, beyond Lightning's)."""
+    check_seconds("placement_timeout_s", placement_timeout_s)
+    check_seconds("elastic_check_interval", elastic_check_interval)
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < -1:
+        raise MisconfigurationException(
+            f"Trainer(max_failures={max_failures!r}): use 0 (no retries), a positive count, "
+            "or -1 (retry without limit)."
+        )
+    if recovery_every_n_train_steps is not None:
+        _check_int("recovery_every_n_train_steps", recovery_every_n_train_steps, 1)
+    if recovery_train_time_interval is not None and not isinstance(
+        recovery_train_time_interval, timedelta
+    ):
+        raise MisconfigurationException(
+            f"Trainer(recovery_train_time_interval={recovery_train_time_interval!r}): it takes "
+            "a datetime.timedelta, such as timedelta(minutes=30)."
+        )
+    if ray_init_kwargs is not None and not isinstance(ray_init_kwargs, dict):
+        raise MisconfigurationException(
+            f"Trainer(ray_init_kwargs={ray_init_kwargs!r}): it takes a dict of ray.init "
+            "arguments, such as {'runtime_env': {...}}."
+        )
 
 
 def make_scaling(  # noqa: C901 - two spellings of the same flags
@@ -214,17 +293,9 @@ def make_scaling(  # noqa: C901 - two spellings of the same flags
         raise MisconfigurationException(
             f"Trainer(accelerator={accelerator!r}) is not supported: use 'cpu', 'gpu' or 'auto'."
         )
-    if isinstance(devices, str) and "," in devices:  # "0,1": Lightning's GPU-id list
-        devices = [int(d) for d in devices.split(",") if d.strip()]
-    if isinstance(devices, list | tuple):
-        devices = len(devices)
-    if devices in ("auto", -1, "-1"):
-        devices = None
-    if isinstance(devices, str):
-        devices = int(devices)
+    devices = _count_devices(devices)
     _check_int("num_nodes", num_nodes, 1)
     if devices is not None:
-        _check_int("devices", devices, 1)
         lightning_workers = devices * num_nodes
         if num_workers is not None and num_workers != lightning_workers:
             raise MisconfigurationException(
@@ -252,6 +323,13 @@ def make_scaling(  # noqa: C901 - two spellings of the same flags
                 f"Trainer(accelerator={accelerator!r}) disagrees with use_gpu=False."
             )
         use_gpu = True
+    if resources_per_worker is not None and not isinstance(resources_per_worker, dict):
+        raise MisconfigurationException(
+            f"Trainer(resources_per_worker={resources_per_worker!r}): it takes a dict of Ray "
+            "resources per worker, such as {'CPU': 4, 'GPU': 1}."
+        )
+    if use_gpu not in (None, True, False):
+        raise MisconfigurationException(f"Trainer(use_gpu={use_gpu!r}): use True or False.")
     resources = dict(resources_per_worker or {})
     for key, amount in resources.items():
         if not isinstance(amount, int | float) or amount < 0:

@@ -101,6 +101,19 @@ def distribute(loader: Any, mode: str, num_replicas: int, rank: int, seed: int) 
     return distributed
 
 
+def same_length_on_every_rank(loader: Any) -> bool:
+    """Whether ``loader`` gives every rank the same number of batches by construction: a
+    DataLoader over a map-style dataset split by a DistributedSampler (or the re-partitioned
+    rest of an epoch). Anything else (an IterableDataset, a custom sampler) may not."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return False
+    batch_sampler = loader.batch_sampler
+    if isinstance(batch_sampler, RemainderBatchSampler):
+        return True
+    sampler = loader.sampler if batch_sampler is None else getattr(batch_sampler, "sampler", None)
+    return isinstance(sampler, DistributedSampler)
+
+
 def limit_batches(loader: Any, limit: int | float, name: str) -> int:
     """How many batches of ``loader`` a loop runs under ``limit_*_batches``."""
     try:

@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
-from raylight import shipping, storage
+from raylight import shipping, storage, watchdog
 from raylight.config import MisconfigurationException, Scaling
 from raylight.worker import Worker
 
@@ -35,15 +35,22 @@ class WorkerFailure(RuntimeError):
         self.rank = rank
 
 
+class StalledRank(WorkerFailure):
+    """A rank went past its bound without progress (``watchdog`` has the bounds)."""
+
+
 class ResourcesUnavailable(RuntimeError):
     """The cluster cannot place the worker group."""
 
 
 def _format_resources(resources: dict[str, float]) -> str:
+    """Resources as a user asks for them: no node labels, memory pools or the per-placement-
+    group copies Ray keeps (``CPU_group_<id>``, ``bundle_group_<id>``)."""
     shown = {
         k: v
         for k, v in sorted(resources.items())
         if not k.startswith(("node:", "accelerator_type"))
+        and "_group_" not in k
         and k not in ("memory", "object_store_memory")
     }
     return repr(shown)
@@ -163,6 +170,11 @@ class WorkerGroup:
         self._first_bundle = 0
         self._storage_proxy: Any = None
         self._storage_checked = False
+        self.board: Any = None  # the Trainer's board.RunBoard: stall reports arrive there
+        self.held_here: dict[str, float] = {}  # what this process's other Trainers hold
+        self._timeout_s = 1800.0  # the process-group timeout: the watch's outer bound
+        self._next_health_check = 0.0
+        self._health_ref: Any = None  # the board's answer, asked for and not yet read
 
     # ---- start ---------------------------------------------------------------------------------
     def start(self, backend: str, pg_timeout_s: float, env_vars: dict[str, str]) -> None:
@@ -198,8 +210,13 @@ class WorkerGroup:
         )
         self._order_ranks(actors, infos)
         _warn_on_version_mismatch(infos, self.version_warnings)
-        port = self.run_on_ranks([0], "free_port", timeout_s=60, what="rendezvous")[0]
-        master_addr = self.infos[0]["node_ip"]
+        self._timeout_s = pg_timeout_s
+        # A group on one node rendezvous over loopback; across nodes, on rank 0's address.
+        one_node = len({info["node_id"] for info in self.infos}) == 1
+        master_addr = "127.0.0.1" if one_node else self.infos[0]["node_ip"]
+        port = self.run_on_ranks(
+            [0], "open_rendezvous", master_addr, timeout_s=60, what="rendezvous"
+        )[0]
         refs = [
             actor.init_process_group.remote(
                 self._rank_env(rank),
@@ -208,6 +225,7 @@ class WorkerGroup:
                 backend,
                 pg_timeout_s,
                 self.scaling.cpus_per_worker,
+                self.board,
             )
             for rank, actor in enumerate(self.actors)
         ]
@@ -263,22 +281,40 @@ class WorkerGroup:
                 return pg
             self._remove(pg)
             if size == smallest:
-                raise ResourcesUnavailable(
-                    f"{_describe_request(scaling)}; after {self.placement_timeout_s:.0f} s the "
-                    f"cluster still could not place them (free now: "
-                    f"{_format_resources(ray.available_resources())}; total: "
-                    f"{_format_resources(total)}). Other jobs may hold the resources, or no "
-                    "single node fits one worker"
-                    + (
-                        "; or the cluster's autoscaler has not added nodes for them: it may "
-                        "not be able to (`ray status` on the head shows its node types and "
-                        "what it could not place), or they boot slower than the wait (a "
-                        "larger Trainer(placement_timeout_s=...) waits longer)."
-                        if autoscaling
-                        else "."
-                    )
-                )
+                raise ResourcesUnavailable(self._unplaceable(total, autoscaling))
             size -= 1
+
+    def _unplaceable(self, total: dict[str, float], autoscaling: bool) -> str:
+        """Why the bounded wait for a placement ended: needed, free, and who holds the rest."""
+        free = ray.available_resources()
+        bundle = self.scaling.bundle()
+        held_here = {k: v for k, v in self.held_here.items() if k in bundle}
+        busy = {
+            k: max(0.0, total.get(k, 0.0) - free.get(k, 0.0) - held_here.get(k, 0.0))
+            for k in bundle
+        }
+        holders = []
+        if held_here:
+            holders.append(
+                f"{_format_resources(held_here)} by this script's other Trainers, which are running"
+            )
+        if any(busy.values()):
+            holders.append(f"{_format_resources(busy)} by other jobs or tasks on the cluster")
+        held = f" Held: {'; '.join(holders)}." if holders else ""
+        hint = (
+            " Or the cluster's autoscaler has not added nodes for them: it may not be able to "
+            "(`ray status` on the head shows its node types and what it could not place), or "
+            "they boot slower than the wait (a larger Trainer(placement_timeout_s=...) waits "
+            "longer)."
+            if autoscaling
+            else ""
+        )
+        return (
+            f"{_describe_request(self.scaling)}; after {self.placement_timeout_s:.0f} s the "
+            f"cluster still could not place them. It has {_format_resources(total)} in all, "
+            f"{_format_resources(free)} free.{held} Wait for them to finish, ask for fewer "
+            f"workers or resources, or add nodes (one node must fit a whole worker).{hint}"
+        )
 
     def _remove(self, pg: Any) -> None:
         remove_placement_group(pg)
@@ -304,13 +340,16 @@ class WorkerGroup:
         for info in self.infos:
             info["local_world_size"] = per_node[info["node_id"]]
 
-    def share_local_storage(self, root: str) -> list[int]:
+    def share_local_storage(self, root: str, folders: list[str], files: list[str]) -> list[int]:
         """Find the ranks whose node cannot see the driver's local ``root`` and route their
-        local-path storage calls to the driver's node. Returns those ranks.
+        local-path storage calls to the driver's node, which serves ``folders`` (read and
+        write) and ``files`` (read) only. Returns those ranks.
 
         Checked once per group, by a marker file the driver writes: a node that shares the
         driver's filesystem (NFS at the same path, or the driver's own node) sees it.
         """
+        if self._storage_proxy is not None:  # a later call of the Trainer: its own folders
+            ray.get(self._storage_proxy.allow.remote(folders, files), timeout=60)
         if self._storage_checked or storage.is_uri(root):
             return []
         marker = storage.join(root, f".raylight-probe-{uuid.uuid4().hex}")
@@ -327,7 +366,7 @@ class WorkerGroup:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(
                     ray.get_runtime_context().get_node_id(), soft=False
                 ),
-            ).remote()
+            ).remote(folders, files)
             self.run_on_ranks(blind, "route_storage", self._storage_proxy, timeout_s=60)
         self._storage_checked = True
         return blind
@@ -388,6 +427,7 @@ class WorkerGroup:
                 self.shutdown(force=True)
                 raise
             if not ready and (deadline is None or time.monotonic() < deadline):
+                self._check_health(what)
                 if on_tick is not None:
                     on_tick()  # e.g. move the progress bar
                 continue
@@ -410,6 +450,30 @@ class WorkerGroup:
                 self.shutdown(force=True)
                 raise WorkerFailure(self._death_message(rank, what, error), rank) from error
         return ray.get(list(refs))
+
+    def _check_health(self, what: str) -> None:
+        """About once a second while waiting: stop the group and raise when a rank reported
+        a stall or its heartbeat went silent (the bounds are ``watchdog``'s). Never blocks:
+        the board's answer is asked for once and read on a later tick."""
+        if self.board is None:
+            return
+        if self._health_ref is None:
+            if time.monotonic() >= self._next_health_check:
+                self._health_ref = self.board.health.remote()
+            return
+        ready, _ = ray.wait([self._health_ref], timeout=0)
+        if not ready:
+            return  # the board is busy or still starting: read it on a later tick
+        ref, self._health_ref = self._health_ref, None
+        self._next_health_check = time.monotonic() + _HEALTH_EVERY_S
+        try:
+            health = ray.get(ref, timeout=_HEALTH_EVERY_S)
+        except ray.exceptions.RayError:
+            return  # the board is gone: Ray's own reports of the ranks decide
+        failure = _unhealthy(health, what, self._timeout_s, len(self.actors))
+        if failure is not None:
+            self.shutdown(force=True)
+            raise failure
 
     def _lost_peer(
         self, error: Any, rank: int, pending: list[Any], rank_of: dict[Any, int], what: str
@@ -458,6 +522,7 @@ class WorkerGroup:
         if self._pg is not None and self._pg is not self.trial_pg:
             self._remove(self._pg)
         self._pg = None
+        self._health_ref = None
 
 
 # What gloo and the TCP store say when a peer of a collective went away or never answered.
@@ -469,6 +534,7 @@ _COLLECTIVE_BROKEN = (
     "Socket Timeout",
 )
 _SIGNAL_SLICE_S = 0.25  # also how often a progress bar moves
+_HEALTH_EVERY_S = 1.0  # how often the driver reads the board's stall reports while it waits
 _PEER_DEATH_GRACE_S = 3.0  # how long Ray may take to report the death behind a broken collective
 
 
@@ -487,6 +553,25 @@ def _warn_on_version_mismatch(infos: list[dict[str, Any]], warned: set[str]) -> 
             "driver to the cluster.",
             stacklevel=2,
         )
+
+
+def _unhealthy(
+    health: dict[str, Any], what: str, timeout_s: float, size: int
+) -> StalledRank | None:
+    """The failure a board's ``health`` reports during the call ``what``, if any."""
+    if health["stalls"]:
+        report = health["stalls"][0]
+        return StalledRank(watchdog.describe(report, what, timeout_s), report["rank"])
+    silent_limit = timeout_s + 2 * watchdog.HEARTBEAT_S
+    for rank, silent_s in sorted(health["silent_s"].items()):
+        if rank < size and silent_s > silent_limit:
+            return StalledRank(
+                f"rank {rank} stopped answering during {what}: no heartbeat for "
+                f"{silent_s:.0f} s (process_group_timeout_s={timeout_s:.0f}). Its process is "
+                "frozen, or a C call holds Python's lock. The worker group was stopped.",
+                rank,
+            )
+    return None
 
 
 def collective_broke(error: BaseException) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from raylight.data import (
     remainder_loader,
     remaining_after,
     request_loaders,
+    same_length_on_every_rank,
     set_epoch,
     skip_batches,
 )
@@ -103,11 +105,16 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     batches = iter(_limited(skip_batches(loader, skip), num_batches - skip))
     if resume_rng is not None and mid_epoch:
         restore_rng(resume_rng)
-    batch_idx = skip - 1
+    batches = _while_every_rank_has_one(trainer, loader, batches, "train")
+    batch_idx, ran_out = skip - 1, True
     for batch_idx, batch in enumerate(batches, start=skip):
         if not _train_batch(trainer, results, batch, batch_idx, num_batches, val_every):
+            ran_out = False
             break
-    trainer._epoch_batches_done = batch_idx + 1 == num_batches
+    # A loader of unknown length (an IterableDataset) ends its epoch by running out.
+    trainer._epoch_batches_done = batch_idx + 1 == num_batches or (
+        ran_out and num_batches == math.inf
+    )
     if trainer._stopped_at is not None:
         return epoch_summary(trainer)  # the epoch is not over: no epoch-end hooks
     # Callbacks see the epoch's values in on_train_epoch_end; monitoring callbacks also see
@@ -157,9 +164,13 @@ def _train_batch(
     """One training batch, its scheduler steps and any validation due; False ends the epoch."""
     epoch, module = trainer.current_epoch, trainer.lightning_module
     trainer._batch_idx = batch_idx
+    # A checkpoint write that failed for good stops the fit here, not after more epochs.
+    trainer._writer.raise_if_failed()
+    trainer._watch.begin_batch()
     batch = transfer_batch(trainer, batch, 0)
     results.batch = batch
     if hooks.call(trainer, "on_train_batch_start", batch, batch_idx) == -1:
+        trainer._watch.end_batch()
         return False  # Lightning: returning -1 ends the epoch early
     stepped_before = trainer.global_step
     if module.automatic_optimization:
@@ -181,6 +192,7 @@ def _train_batch(
     _publish_step_metrics(trainer, results, stepped)
     if trainer._poster is not None:
         trainer._poster.after_batch(trainer, batch, batch_idx)
+    trainer._watch.end_batch()  # what follows (validation, a stop) is timed on its own
     # Lightning stops mid-epoch only once min_epochs epochs have completed.
     stopping = trainer.should_stop and epoch >= trainer.config.min_epochs
     # Lightning's rule: every val_check_batch batches (the last batch included when the
@@ -223,6 +235,7 @@ def epoch_summary(trainer: RankTrainer) -> dict[str, Any]:
         "validations": list(trainer._fit_validations),
         "validation_enabled": trainer._validation_enabled,
         "stopped_at": trainer._stopped_at,
+        "notices": trainer._take_notices(),
     }
     trainer._log_rows.clear()
     trainer._fit_validations.clear()
@@ -338,6 +351,45 @@ def _batch_end_outputs(step_output: Any) -> Any:
             k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in step_output.items()
         }
     return step_output
+
+
+_RAN_OUT = object()
+
+
+def _while_every_rank_has_one(
+    trainer: RankTrainer, loader: Any, batches: Iterator[Any], what: str
+) -> Iterator[Any]:
+    """``batches`` for as long as every rank still has one (beyond Lightning, which hangs).
+
+    A loader whose length differs across ranks (an IterableDataset whose shards are uneven)
+    would leave the ranks that still have batches waiting in a collective for the ones that
+    ran out. So before each batch the ranks agree, with one one-number all-reduce, that all
+    of them have one; the epoch ends on every rank when the first runs out, and rank 0 notes
+    which ranks had more. Loaders that are the same length on every rank by construction
+    (a DistributedSampler's) skip this.
+    """
+    if trainer.world_size == 1 or same_length_on_every_rank(loader):
+        yield from batches
+        return
+    count = 0
+    while True:
+        batch = next(batches, _RAN_OUT)
+        have = torch.tensor(0.0 if batch is _RAN_OUT else 1.0, device=trainer.device)
+        if trainer._all_reduce(have, "min").item() == 0.0:
+            break
+        count += 1
+        yield batch
+    had_more = trainer._all_gather(torch.tensor(batch is not _RAN_OUT, device=trainer.device))
+    ahead = [rank for rank, more in enumerate(had_more.tolist()) if more]
+    if ahead:
+        out = [rank for rank in range(trainer.world_size) if rank not in ahead]
+        trainer._notice(
+            f"epoch {trainer.current_epoch}: the ranks' {what} loaders gave different numbers "
+            f"of batches: rank(s) {out} ran out after {count}, while rank(s) {ahead} had more. "
+            f"Every rank ended this {what} epoch after {count} batches, as the first to run "
+            "out did, instead of waiting for it forever. Give every rank the same number of "
+            "batches (shard an IterableDataset evenly by rank), or cap them with limit_*_batches."
+        )
 
 
 def _limited(loader: Any, limit: int | float) -> Any:
@@ -492,7 +544,11 @@ def run_evaluation(
         for dataloader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             results.dataloader_idx = dataloader_idx if several else None
             extra = (dataloader_idx,) if several else ()
-            for batch_idx, batch in enumerate(_limited(loader, limit)):
+            batches = _while_every_rank_has_one(
+                trainer, loader, iter(_limited(loader, limit)), prefix
+            )
+            for batch_idx, batch in enumerate(batches):
+                trainer._watch.begin_batch()
                 trainer._batch_idx = batch_idx
                 batch = transfer_batch(trainer, batch, dataloader_idx)
                 results.batch = batch
@@ -500,6 +556,7 @@ def run_evaluation(
                 with trainer.precision_plugin.autocast():
                     output = hooks.call_module(trainer, step_name, batch, batch_idx, *extra)
                 hooks.call(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, *extra)
+                trainer._watch.end_batch()
         trainer._batch_idx = None
         results.dataloader_idx = None
         hooks.call(trainer, f"on_{prefix}_epoch_end")
@@ -544,6 +601,7 @@ def run_predict(trainer: RankTrainer, loaders: list[Any], limits: list[int]) -> 
             extra = (dataloader_idx,) if several else ()
             outputs: list[Any] = []
             for batch_idx, batch in enumerate(_limited(loader, limit)):
+                trainer._watch.begin_batch()
                 trainer._batch_idx = batch_idx
                 batch = transfer_batch(trainer, batch, dataloader_idx)
                 hooks.call(trainer, "on_predict_batch_start", batch, batch_idx, *extra)
@@ -551,6 +609,7 @@ def run_predict(trainer: RankTrainer, loaders: list[Any], limits: list[int]) -> 
                     output = hooks.call_module(trainer, "predict_step", batch, batch_idx, *extra)
                 hooks.call(trainer, "on_predict_batch_end", output, batch, batch_idx, *extra)
                 outputs.append(move_data_to_device(output, torch.device("cpu")))
+                trainer._watch.end_batch()
             predictions.append(outputs)
         trainer._batch_idx = None
         hooks.call(trainer, "on_predict_epoch_end")

@@ -4,14 +4,13 @@ there, and end the epoch; the run resumes from it with ``ckpt_path="last"``.
 
 Ranks must stop at the same batch, or the ones still training would wait in collectives
 for the ones that stopped. So each rank notes its reason to stop locally (a signal, or the
-driver's request in a ``StopFlag`` actor, polled without blocking), and at agreed batches
-the ranks all-reduce their notes. Agreement costs one tiny collective about twice a second,
+driver's request on the run's board, ``board.RunBoard``, polled without blocking), and at
+agreed batches the ranks all-reduce their notes. Agreement costs one tiny collective about twice a second,
 whatever the batch time: the ranks also agree on how many batches to the next check.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import signal
 import time
@@ -21,20 +20,6 @@ import torch
 import torch.distributed as dist
 
 CHECKS_PER_SECOND = 2.0
-
-
-class StopFlag:
-    """Made an async actor by the driver: set once, awaited by the ranks."""
-
-    def __init__(self) -> None:
-        self._set = asyncio.Event()
-
-    async def set(self) -> None:  # on the actor's event loop, where the waiters are
-        self._set.set()
-
-    async def wait(self) -> bool:
-        await self._set.wait()
-        return True
 
 
 class StopCheck:

@@ -1,7 +1,7 @@
 """Training progress on the driver: a live bar on a terminal, a plain line now and then
 elsewhere (a log file, a CI job), nothing with ``enable_progress_bar=False``.
 
-Rank 0 posts its position to a ``ProgressBoard`` actor a few times a second, without
+Rank 0 posts its position to the run's board (``board.RunBoard``) a few times a second, without
 waiting for an answer; the driver reads the board while it waits for the epoch and moves the
 bar. The other ranks post nothing, and no collective is involved.
 """
@@ -15,19 +15,6 @@ from typing import Any, TextIO
 
 POSTS_PER_SECOND = 5.0
 PLAIN_LINE_EVERY_S = 30.0  # without a terminal: one line this often, plus one per epoch
-
-
-class ProgressBoard:
-    """Made an actor by the driver: holds rank 0's latest post."""
-
-    def __init__(self) -> None:
-        self._latest: dict[str, Any] | None = None
-
-    def post(self, progress: dict[str, Any]) -> None:
-        self._latest = progress
-
-    def latest(self) -> dict[str, Any] | None:
-        return self._latest
 
 
 class Poster:

@@ -21,6 +21,7 @@ from raylight.checkpoint import AsyncWriter, save_from_rank
 from raylight.config import NO_TRAIN_LOADER, MisconfigurationException, TrainerConfig
 from raylight.data import request_loaders
 from raylight.logging import MetricLog
+from raylight.watchdog import NO_WATCH
 
 _REDUCE_OPS = {
     "mean": dist.ReduceOp.SUM,
@@ -123,6 +124,7 @@ class RankTrainer:
         self.num_training_batches: int | float = -1  # unknown until the train loader exists
         self.num_val_batches: list[int] = []
         self._loader_sources: dict[str, Any] = {}
+        self.ckpt_path: str | None = None  # the checkpoint this stage started from
         self._val_requested = False
         self._fitting = False
         self._validation_has_run = False  # a real (not sanity) validation ran in this fit
@@ -156,6 +158,8 @@ class RankTrainer:
         self._hook_targets: dict[tuple[str, str], list[Any]] = {}  # see hooks._targets
         self._batch_hook_owners: dict[str, bool] = {}  # see loops._transfer_hook
         self._batch_idx: int | None = None
+        self._watch: Any = NO_WATCH  # watchdog.StallWatch on a rank of a live group
+        self._notices: list[str] = []  # rank 0's warnings for the driver to give
 
     # ---- Lightning's read-only trainer attributes ---------------------------------------
     @property
@@ -227,6 +231,22 @@ class RankTrainer:
         if not loaders:
             raise MisconfigurationException(NO_TRAIN_LOADER)
         self.train_dataloader, self.num_training_batches = loaders[0], limits[0]
+        if self.num_training_batches == 0:
+            self._notice(
+                f"Total length of `{type(loaders[0]).__name__}` across ranks is zero. Please "
+                "make sure this was your intention. `Trainer.fit` stopped: No training batches "
+                "(an empty dataset, a batch_size larger than a rank's share of it with "
+                "drop_last=True, or limit_train_batches=0)."
+            )
+
+    def _notice(self, text: str) -> None:
+        """A warning for the user, given by the driver (rank 0's, once each)."""
+        if self.is_global_zero and text not in self._notices:
+            self._notices.append(text)
+
+    def _take_notices(self) -> list[str]:
+        notices, self._notices = self._notices, []
+        return notices
 
     # ---- services for hooks --------------------------------------------------------------
     def _log(self, fx: str | None, name: str, value: Any, **kwargs: Any) -> None:

@@ -7,11 +7,17 @@ keeps them at the end. Writes are atomic: a reader sees the whole file or none o
 
 Local paths are the driver's: a worker on a node that cannot see them (no shared
 filesystem there) sends its local-path calls to a helper actor on the driver's node,
-so checkpoints still land where the driver and a later run look for them.
+so checkpoints still land where the driver and a later run look for them. That actor
+serves only the run's own folders.
+
+Every message that shows a location shows ``redact(location)``: URIs may carry
+credentials, as user info (``s3://KEY:SECRET@bucket``) or in the query string
+(``?access_key=...&secret_key=...``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -45,25 +51,74 @@ def _routed(fn: _Fn) -> _Fn:
             )
         except ray.exceptions.GetTimeoutError as error:
             raise OSError(
-                f"{fn.__name__} of {location} on the driver's node did not finish within "
-                f"{_PROXY_TIMEOUT_S:.0f} s. This node cannot see the driver's local paths: "
-                "give default_root_dir a location every node shares (NFS, s3://...)."
+                f"{fn.__name__} of {redact(location)} on the driver's node did not finish "
+                f"within {_PROXY_TIMEOUT_S:.0f} s. This node cannot see the driver's local "
+                "paths: give default_root_dir a location every node shares (NFS, s3://...)."
             ) from error
         except ray.exceptions.RayActorError as error:
             raise OSError(
-                f"{fn.__name__} of {location}: the driver's node, which holds the "
-                f"run's local files, is gone ({error})."
-            ) from error
+                f"{fn.__name__} of {redact(location)}: the driver's node, which holds the "
+                f"run's local files, is gone ({redact(str(error))})."
+            ) from None
 
     return wrapper  # type: ignore[return-value]
 
 
+# The routed calls, and how many of their leading arguments are locations.
+_ROUTED_LOCATIONS = {
+    "write_bytes": 1,
+    "read_bytes": 1,
+    "exists": 1,
+    "delete": 1,
+    "list_names": 1,
+    "link": 2,
+    "copy_tree": 2,
+}
+_READS = {"read_bytes", "exists", "list_names"}
+
+
 class DriverNodeStorage:
     """Made an actor on the driver's node; runs the storage calls of workers that cannot
-    see the driver's local paths."""
+    see the driver's local paths, within the run's own folders only.
+
+    ``folders`` may be read and written (the run's root, its checkpoint folders);
+    ``files`` may only be read (a checkpoint the run resumes from). Anything else is
+    refused, so a worker cannot make the driver's node write or delete elsewhere.
+    """
+
+    def __init__(self, folders: list[str], files: list[str] = ()) -> None:
+        self._folders: set[str] = set()
+        self._files: set[str] = set()
+        self.allow(folders, files)
+
+    def allow(self, folders: list[str], files: list[str] = ()) -> None:
+        self._folders.update(_real(f) for f in folders if not is_uri(f))
+        self._files.update(_real(f) for f in files if not is_uri(f))
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name not in _ROUTED_LOCATIONS:
+            raise PermissionError(f"{name} is not a storage call the driver's node runs.")
+        for location in args[: _ROUTED_LOCATIONS[name]]:
+            self._check(name, location)
         return globals()[name].__wrapped__(*args, **kwargs)
+
+    def _check(self, name: str, location: str) -> None:
+        path = _real(location)
+        if any(within(path, folder) for folder in self._folders):
+            return
+        if name in _READS and path in self._files:
+            return
+        raise PermissionError(
+            f"{name} of {redact(location)} refused on the driver's node: it serves the run's "
+            f"own folders only ({', '.join(sorted(redact(f) for f in self._folders))}). Write "
+            "checkpoints under default_root_dir or a ModelCheckpoint's dirpath, or give them a "
+            "location every node shares (NFS, s3://...)."
+        )
+
+
+def _real(location: str) -> str:
+    """A local path as the filesystem resolves it (symlinks followed, ``..`` removed)."""
+    return os.path.realpath(_local(location))
 
 
 def route_local_paths(proxy: Any) -> None:
@@ -99,23 +154,64 @@ def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(location)
     except Exception as error:
+        # Not chained: pyarrow's own text may quote the URI with its credentials.
         raise ValueError(
-            f"{redact(location)!r} is not a storage location pyarrow.fs understands ({error}): use a "
-            "local path or a URI such as s3://bucket/dir, gs://bucket/dir or hdfs://host/dir."
-        ) from error
+            f"{redact(location)!r} is not a storage location pyarrow.fs understands "
+            f"({redact(str(error))}): use a local path or a URI such as s3://bucket/dir, "
+            "gs://bucket/dir or hdfs://host/dir. Credentials come from the environment "
+            "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or, "
+            "for S3, as s3://KEY:SECRET@bucket/dir; pyarrow takes none in the query string."
+        ) from None
 
 
-def redact(location: str) -> str:
-    """The location without credentials (``s3://key:secret@bucket`` -> ``s3://***@bucket``)."""
-    return re.sub(r"://[^/@?]*@", "://***@", location)
+# Query parameters whose values are secrets: pyarrow's access_key, secret_key and
+# session_token, and the usual spellings of keys, tokens, passwords and signatures.
+_SECRET_PARAM = re.compile(
+    r"([?&;](?:[^=&;#\s]*(?:key|secret|token|passw|pwd|credential|signature|sig|auth)"
+    r"[^=&;#\s]*)=)[^&;#\s'\"]*",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` (a location, or a message holding locations) without credentials: a URI's
+    user info (``s3://key:secret@bucket`` -> ``s3://***@bucket``) and the values of
+    credential-like query parameters (``?secret_key=...`` -> ``?secret_key=***``)."""
+    text = re.sub(r"://[^/@?\s'\"]*@", "://***@", text)
+    return _SECRET_PARAM.sub(r"\1***", text)
+
+
+def within(location: str, folder: str) -> bool:
+    """Whether ``location`` lies inside ``folder`` (both local, or both URIs of one store).
+
+    Local paths are compared as the filesystem resolves them; URIs by their paths without
+    the query string, and a URI with ``.`` or ``..`` segments is never inside anything.
+    """
+    if is_uri(location) != is_uri(folder):
+        return False
+    if not is_uri(location):
+        path, root = _real(location), _real(folder)
+        return path != root and os.path.commonpath([path, root]) == root
+    path, root = location.partition("?")[0], folder.partition("?")[0].rstrip("/")
+    scheme_and_path = path.split("://", 1)[-1]
+    if any(part in (".", "..") for part in scheme_and_path.split("/")):
+        return False
+    return _strip_user(path).startswith(_strip_user(root) + "/")
+
+
+def _strip_user(uri: str) -> str:
+    return re.sub(r"://[^/@?]*@", "://", uri)
 
 
 def _unreachable(location: str, error: Exception) -> OSError:
-    return OSError(
+    """Raised ``from None``: the original error's text may quote the URI with credentials."""
+    message = (
         f"storage at {redact(location)!r} is unreachable or refused access "
         f"({redact(str(error))}). Check the URI, the endpoint and the credentials that the "
         "driver and the workers see."
     )
+    code = getattr(error, "errno", None)
+    return OSError(code, message) if code else OSError(message)
 
 
 def check_reachable(location: str) -> None:
@@ -132,24 +228,29 @@ def write_bytes(location: str, data: bytes) -> None:
         path = _local(location)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         partial = f"{path}.partial-{uuid.uuid4().hex}"
-        with open(partial, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        try:
+            with open(partial, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.remove(partial)  # a full disk stays no fuller than before
+            raise OSError(error.errno, f"writing {redact(path)} failed: {error.strerror}") from None
         return
     filesystem, path = _resolve(location)
     try:
         with filesystem.open_output_stream(path) as stream:
             stream.write(data)
     except OSError as error:
-        raise _unreachable(location, error) from error
+        raise _unreachable(location, error) from None
 
 
 @_routed
 def read_bytes(location: str) -> bytes:
     if not exists(location):
-        raise FileNotFoundError(f"{location} not found.")
+        raise FileNotFoundError(f"{redact(location)} not found.")
     if not is_uri(location):
         with open(_local(location), "rb") as f:
             return f.read()
@@ -158,7 +259,7 @@ def read_bytes(location: str) -> bytes:
         with filesystem.open_input_stream(path) as stream:
             return stream.read()
     except OSError as error:
-        raise _unreachable(location, error) from error
+        raise _unreachable(location, error) from None
 
 
 @_routed
@@ -169,7 +270,7 @@ def exists(location: str) -> bool:
     try:
         return filesystem.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as error:
-        raise _unreachable(location, error) from error
+        raise _unreachable(location, error) from None
 
 
 @_routed
@@ -183,7 +284,7 @@ def delete(location: str) -> None:
         if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
             filesystem.delete_file(path)
     except OSError as error:
-        raise _unreachable(location, error) from error
+        raise _unreachable(location, error) from None
 
 
 @_routed
@@ -200,7 +301,7 @@ def list_names(location: str, directories: bool = False) -> list[str]:
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as error:
-        raise _unreachable(location, error) from error
+        raise _unreachable(location, error) from None
     return sorted(info.base_name for info in infos if info.type == wanted)
 
 
@@ -212,7 +313,11 @@ def link(target: str, location: str) -> None:
         path = _local(location)
         temporary = f"{path}.link-{uuid.uuid4().hex}"
         os.symlink(os.path.relpath(_local(target), os.path.dirname(path) or "."), temporary)
-        os.replace(temporary, path)
+        try:
+            os.replace(temporary, path)
+        except OSError:
+            os.remove(temporary)
+            raise
         return
     write_bytes(location, read_bytes(target))
 
@@ -237,4 +342,4 @@ def copy_tree(source: str, destination: str) -> None:
             destination_filesystem=target_fs or pafs.LocalFileSystem(),
         )
     except OSError as error:
-        raise _unreachable(destination if target_fs else source, error) from error
+        raise _unreachable(destination if target_fs else source, error) from None

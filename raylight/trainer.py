@@ -8,10 +8,8 @@ epoch at a time, and after ``fit`` loads rank 0's weights into the user's own mo
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -25,17 +23,23 @@ import ray
 import torch
 from ray import cloudpickle
 
-from raylight import checkpoint, shipping, storage
+from raylight import checkpoint, connect, sharing, storage
+from raylight.board import RunBoard
 from raylight.callbacks import Callback, ModelCheckpoint, ModelSummary
-from raylight.config import NO_TRAIN_LOADER, MisconfigurationException, make_config, make_scaling
+from raylight.config import (
+    NO_TRAIN_LOADER,
+    MisconfigurationException,
+    check_run_flags,
+    make_config,
+    make_scaling,
+)
 from raylight.controller import Controller
 from raylight.datamodule import LightningDataModule
 from raylight.group import WorkerGroup
 from raylight.loggers import CSVLogger, Logger, TensorBoardLogger
 from raylight.loggers.tensorboard import tensorboard_available
 from raylight.module import LightningModule
-from raylight.preemption import StopFlag
-from raylight.progress import ProgressBoard, ProgressDisplay
+from raylight.progress import ProgressDisplay
 from raylight.seed import capture_rng
 
 _STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"}
@@ -131,6 +135,10 @@ class Trainer:
             )
         if isinstance(callbacks, Callback):
             callbacks = [callbacks]
+        if callbacks is not None and not isinstance(callbacks, list | tuple):
+            raise MisconfigurationException(
+                f"Trainer(callbacks={callbacks!r}): it takes a Callback or a list of them."
+            )
         self.callbacks: list[Callback] = list(callbacks or [])
         for callback in self.callbacks:
             if not isinstance(callback, Callback):
@@ -145,11 +153,14 @@ class Trainer:
         ):
             self.callbacks.append(ModelSummary())  # Lightning's default; the driver prints it
         _add_default_checkpoint(self.callbacks, self.enable_checkpointing)
-        if max_failures < -1:
-            raise MisconfigurationException(
-                f"Trainer(max_failures={max_failures}): use 0 (no retries), a positive count, "
-                "or -1 (retry without limit)."
-            )
+        check_run_flags(
+            placement_timeout_s,
+            elastic_check_interval,
+            max_failures,
+            recovery_every_n_train_steps,
+            recovery_train_time_interval,
+            ray_init_kwargs,
+        )
         self.max_failures = max_failures
         self.elastic_check_interval = elastic_check_interval
         _add_recovery_checkpoint(
@@ -170,8 +181,11 @@ class Trainer:
         self._expected_size = 0  # elastic: the size the next group should try first
         self._removed_pgs: list[Any] = []  # placement groups whose removal may not have held
         self._version_warnings: set[str] = set()  # package mismatches already reported
-        self._stop_flag: Any = None  # preemption.StopFlag actor while a fit's group runs
-        self._progress_board: Any = None  # progress.ProgressBoard actor, likewise
+        self._warned: set[str] = set()  # other one-time warnings already given
+        self._board: Any = None  # board.RunBoard actor while this Trainer holds workers
+        self._busy = False  # inside one of the Trainer's calls (sharing leaves it alone then)
+        self._released = False  # a fit's workers were stopped for another Trainer's sake
+        self.ckpt_path: str | None = None  # the checkpoint the latest call started from
         self._display = ProgressDisplay(self.enable_progress_bar)
         self._signalled: int | None = None  # the signal that asked this fit to stop
         self._in_tune = False  # this fit runs inside a Ray Tune trial
@@ -227,11 +241,13 @@ class Trainer:
         if isinstance(train_dataloaders, LightningDataModule):
             datamodule, train_dataloaders = train_dataloaders, None
         _check_fit_inputs(model, train_dataloaders, datamodule)
-        ckpt_path = self._resolve_ckpt_path(ckpt_path, "fit")
+        ckpt_path = self.ckpt_path = self._resolve_ckpt_path(ckpt_path, "fit")
+        if ckpt_path is None and self._nothing_to_fit():
+            return
         loaders = {"train": train_dataloaders, "val": val_dataloaders}
         for callback in self.callbacks:
             callback._on_driver_fit_start(self, model)
-        with self._logging_run():
+        with self._in_call(), self._logging_run():
             if model.hparams and model._log_hyperparams:
                 for logger in self.loggers:
                     logger.log_hyperparams(dict(model.hparams))
@@ -239,6 +255,28 @@ class Trainer:
         model.load_state_dict(final["state_dict"])
         for callback, trained in zip(self.callbacks, final["callbacks"], strict=True):
             callback.__dict__.update(trained.__dict__)
+
+    def _nothing_to_fit(self) -> bool:
+        """Lightning's do-nothing fits, found before any worker starts: say so and return."""
+        config = self.config
+        reason = None
+        if config.max_steps != -1 and self.global_step >= config.max_steps:
+            reason = f"`max_steps={config.max_steps}` reached."
+        elif self.current_epoch >= config.max_epochs:
+            reason = f"`max_epochs={config.max_epochs}` reached."
+        elif config.limit_train_batches == 0:
+            reason = "No training batches (`limit_train_batches=0`)."
+        if reason is not None:
+            print(f"`Trainer.fit` stopped: {reason}", file=sys.stderr, flush=True)
+        return reason is not None
+
+    @contextlib.contextmanager
+    def _in_call(self) -> Iterator[None]:
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
 
     def _fit_with_recovery(
         self,
@@ -355,7 +393,7 @@ class Trainer:
             raise _Regroup(path, 0)
         name = signal.Signals(self._signalled).name
         print(
-            f"{name}: saved {path} at global step {self.global_step}; resume with "
+            f"{name}: saved {storage.redact(path)} at global step {self.global_step}; resume with "
             'trainer.fit(..., ckpt_path="last").',
             file=sys.stderr,
             flush=True,
@@ -372,10 +410,10 @@ class Trainer:
             return
 
         def on_signal(signum: int, frame: Any) -> None:
-            if self._signalled is not None or self._stop_flag is None:
+            if self._signalled is not None or self._board is None:
                 raise KeyboardInterrupt
             self._signalled = signum
-            self._stop_flag.set.remote()
+            self._board.set.remote()
             print(
                 f"{signal.Signals(signum).name}: stopping at the next agreed batch and saving "
                 "a checkpoint (signal again to stop at once).",
@@ -449,33 +487,51 @@ class Trainer:
     ) -> list[Any] | None:
         """Predictions of every rank, in dataset order (each rank reads a contiguous slice)."""
         model, datamodule = self._resolve_eval_inputs("predict", model, dataloaders, datamodule)
-        ckpt_path = self._resolve_ckpt_path(ckpt_path, "predict")
-        group = self._prepare(model, datamodule, "predict", {"predict": dataloaders}, ckpt_path)
-        per_rank = group.run_on_all("predict", what="predict")
+        ckpt_path = self.ckpt_path = self._resolve_ckpt_path(ckpt_path, "predict")
+        with self._in_call():
+            group = self._prepare(model, datamodule, "predict", {"predict": dataloaders}, ckpt_path)
+            per_rank = group.run_on_all("predict", what="predict")
         merged = [sum((rank[i] for rank in per_rank), []) for i in range(len(per_rank[0]))]
         if not return_predictions:
             return None
         return merged[0] if len(merged) == 1 else merged
 
     def save_checkpoint(self, filepath: str | os.PathLike, weights_only: bool = False) -> None:
+        if self._released:
+            raise RuntimeError(
+                "save_checkpoint needs the workers of this Trainer's fit, but they were stopped "
+                "when another Trainer in this script needed their resources. Call "
+                "save_checkpoint right after fit, or load the checkpoint the fit's "
+                "ModelCheckpoint wrote (trainer.checkpoint_callback.best_model_path)."
+            )
         if self._group is None or not self._group.actors or self._last_stage != "fit":
             raise RuntimeError(
                 "save_checkpoint needs the workers of a completed trainer.fit: call it after "
                 "fit (and before validate/test/predict, which set the workers up anew)."
             )
-        self._group.run_on_all(
-            "save_checkpoint", storage.absolute(os.fspath(filepath)), weights_only
-        )
+        path = storage.absolute(os.fspath(filepath))
+        with self._in_call():
+            self._group.share_local_storage(self.config.default_root_dir, [_folder_of(path)], [])
+            self._group.run_on_all("save_checkpoint", path, weights_only, what="save_checkpoint")
 
     def shutdown(self, force: bool = False) -> None:
         """Stop the workers. The Trainer does this itself when it is garbage-collected."""
         if self._group is not None:
             self._group.shutdown(force=force)
             self._group = None
-        for actor in (self._stop_flag, self._progress_board):
-            if actor is not None and ray.is_initialized():
-                ray.kill(actor, no_restart=True)
-        self._stop_flag = self._progress_board = None
+        if self._board is not None and ray.is_initialized():
+            ray.kill(self._board, no_restart=True)
+        self._board = None
+        sharing.let_go(self)
+
+    def _holds_workers(self) -> bool:
+        return self._group is not None and bool(self._group.actors)
+
+    def _release_workers(self) -> None:
+        """Stop this idle Trainer's workers for another Trainer of the script (``sharing``);
+        its next call starts new ones."""
+        self._released = self._last_stage == "fit"
+        self.shutdown()
 
     def __del__(self) -> None:
         try:
@@ -566,8 +622,8 @@ class Trainer:
     ) -> list[dict[str, float]]:
         model, datamodule = self._resolve_eval_inputs(stage, model, dataloaders, datamodule)
         loaders = {_STAGE_LOADER[stage]: dataloaders}
-        ckpt_path = self._resolve_ckpt_path(ckpt_path, stage)
-        with self._logging_run():
+        ckpt_path = self.ckpt_path = self._resolve_ckpt_path(ckpt_path, stage)
+        with self._in_call(), self._logging_run():
             group = self._prepare(model, datamodule, stage, loaders, ckpt_path)
             results = group.run_on_all("evaluate", stage, what=stage)[0]
             self._absorb(group.run_on_ranks([0], "metrics")[0], progress=False)
@@ -612,7 +668,9 @@ class Trainer:
             callback.dirpath = storage.absolute(callback.dirpath)
             storage.check_reachable(callback.dirpath)
         group = self._ensure_group()
-        blind = group.share_local_storage(self.config.default_root_dir)
+        root = self.config.default_root_dir
+        folders = [root] + [cb.dirpath for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+        blind = group.share_local_storage(root, folders, [ckpt_path] if ckpt_path else [])
         if blind:
             warnings.warn(
                 f"The workers of ranks {blind} run on nodes that cannot see "
@@ -623,10 +681,7 @@ class Trainer:
                 stacklevel=3,
             )
         self.config.global_seed = _global_seed()
-        if stage == "fit" and self._stop_flag is None:
-            self._stop_flag = ray.remote(StopFlag).options(num_cpus=0).remote()
-        if stage == "fit" and self._progress_board is None and self.enable_progress_bar:
-            self._progress_board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+        fitting = stage == "fit"
         job = {
             "stage": stage,
             "config": self.config,
@@ -636,20 +691,29 @@ class Trainer:
             "callbacks": self.callbacks,
             "loaders": loaders,
             "ckpt_path": os.fspath(ckpt_path) if ckpt_path else None,
+            "user_ckpt_path": self.ckpt_path,
             "rng_states": capture_rng(),
-            "stop_flag": self._stop_flag if stage == "fit" else None,
-            "progress_board": self._progress_board if stage == "fit" else None,
+            "stop_flag": self._board if fitting else None,
+            "progress_board": self._board if fitting and self.enable_progress_bar else None,
         }
         job_ref = _put_checked(job)
-        group.run_on_all("setup", job_ref, what=f"{stage} setup")
+        self._warn_notices(group.run_on_all("setup", job_ref, what=f"{stage} setup")[0])
         return group
 
     def _ensure_group(self) -> WorkerGroup:
         if self._group is not None and self._group.actors:
             return self._group
         self._connect()
+        if not self._in_tune:  # a trial's workers have their own bundles
+            sharing.make_room(self, self.scaling.bundle(), self.scaling.num_workers)
+        self._released = False
         # Held before it starts, so that shutdown() reaches a half-started group too.
         group = self._group = self.worker_group_cls(self.scaling, self.placement_timeout_s)
+        sharing.holds_workers(self)
+        group.held_here = sharing.total_held(sharing.others(self))
+        if self._board is None:
+            self._board = ray.remote(RunBoard).options(num_cpus=0).remote()
+        group.board = self._board
         group.expected_size, self._expected_size = self._expected_size, 0
         group.removed_pgs = self._removed_pgs  # shared across this Trainer's groups
         group.version_warnings = self._version_warnings
@@ -670,42 +734,10 @@ class Trainer:
         return group
 
     def _connect(self) -> None:
-        """Join the cluster Ray's conventions point to, or start an embedded local one.
-
-        ``RAY_ADDRESS`` wins (``ray job submit`` sets it); otherwise a cluster already running
-        on this node is joined (``ray submit`` runs scripts on the head node); otherwise, as on
-        a laptop, a local instance sized to the request is started. Joining a cluster ships
-        the driver's uninstalled modules with the job (see ``shipping``).
-        """
-        if ray.is_initialized():
-            return
-        kwargs = {"logging_level": logging.WARNING, "log_to_driver": True, **self._ray_init_kwargs}
-        address = self._ray_address
-        joining = {**kwargs, **_code_for_the_cluster(kwargs)}
-        if address and address != "local":
-            _probe(address)
-            try:
-                ray.init(address=address, **joining)
-            except (ConnectionError, RuntimeError) as error:
-                raise ConnectionError(
-                    f"RAY_ADDRESS={address!r} points to no reachable Ray cluster ({error}). "
-                    "Start one with `ray start --head`, fix RAY_ADDRESS, or unset it to let the "
-                    "Trainer start a local Ray instance."
-                ) from error
-            return
-        if address is None:
-            try:
-                ray.init(address="auto", **joining)
-                return
-            except ConnectionError:
-                pass  # no cluster on this node: start our own
+        """Join the cluster Ray's conventions point to, or start an embedded local one
+        (``connect`` has the rules); joining ships the driver's uninstalled modules."""
         needed = self.scaling.num_workers * self.scaling.bundle().get("CPU", 1.0)
-        kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, int(needed)))
-        kwargs.setdefault("include_dashboard", False)
-        # Ray starts workers at niceness 15 so that its own daemons win; in an instance that
-        # exists only to train, the ranks should run at normal priority, as DDP processes do.
-        kwargs.setdefault("_system_config", {"worker_niceness": 0})
-        ray.init(address="local", **kwargs)
+        connect.connect(self._ray_address, self._ray_init_kwargs, needed, self._warned)
 
     def _fit_done(self, epoch: int) -> bool:
         config = self.config
@@ -725,18 +757,27 @@ class Trainer:
             self._num_training_batches = summary["num_training_batches"]
         for name in ("callback_metrics", "logged_metrics", "progress_bar_metrics"):
             setattr(self, name, {k: torch.tensor(v) for k, v in summary[name].items()})
+        self._warn_notices(summary["notices"])
         for step, row in summary["log_rows"]:
             for logger in self.loggers:
                 logger.log_metrics(row, step)
+
+    def _warn_notices(self, notices: list[str] | None) -> None:
+        """Rank 0's warnings (Lightning's, for fits that would otherwise do nothing
+        silently), given once each by the driver, where the user sees them."""
+        for notice in notices or []:
+            if notice not in self._warned:
+                self._warned.add(notice)
+                warnings.warn(notice, UserWarning, stacklevel=4)
 
     def _report_epoch(self, summary: dict[str, Any]) -> None:
         self._display.end_epoch(summary)
 
     def _show_progress(self) -> None:
-        if self._progress_board is None or not self._display.enabled:
+        if self._board is None or not self._display.enabled:
             return
         try:
-            latest = ray.get(self._progress_board.latest.remote(), timeout=2)
+            latest = ray.get(self._board.latest.remote(), timeout=2)
         except ray.exceptions.GetTimeoutError:
             return  # the bar waits for the next tick
         self._display.show(latest)
@@ -842,31 +883,8 @@ def _resolve_loggers(logger: Any, default_root_dir: str) -> list[Logger]:
     return loggers
 
 
-def _code_for_the_cluster(init_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``ray.init``'s job-level ``runtime_env`` carrying the driver's own modules to every
-    node (added to the user's ``runtime_env``), unless that runtime_env, or the job the
-    driver runs in (``ray job submit --working-dir``), carries code already."""
-    given = dict(init_kwargs.get("runtime_env") or {})
-    if shipping.job_ships_code(given):
-        return {}
-    code = shipping.user_code()
-    return {"runtime_env": {**given, "py_modules": code}} if code else {}
-
-
-def _probe(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds when RAY_ADDRESS names nothing: ray.init would retry for minutes."""
-    host_port = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = host_port.rpartition(":")
-    if address == "auto" or not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as error:
-        raise ConnectionError(
-            f"RAY_ADDRESS={address!r} points to no reachable Ray cluster: nothing answered at "
-            f"{host}:{port} within {timeout_s:.0f} s ({error}). Start one with `ray start --head`, "
-            "fix RAY_ADDRESS, or unset it to let the Trainer start a local Ray instance."
-        ) from error
+def _folder_of(path: str) -> str:
+    return path.rpartition("/")[0] if storage.is_uri(path) else os.path.dirname(path)
 
 
 def _global_seed() -> int | None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from ray.tune import PlacementGroupFactory
 
-from raylight import storage
+from raylight import connect, storage
 
 CHECKPOINT_NAME = "checkpoint.ckpt"  # the file inside a checkpoint directory handed to Tune
 
@@ -50,6 +50,15 @@ def resources(
     if use_gpu:
         worker.setdefault("GPU", 1.0)
     return PlacementGroupFactory([{"CPU": 1.0}] + [dict(worker) for _ in range(num_workers)])
+
+
+def init_ray(num_workers: int, cpus_per_worker: int = 1, **ray_init_kwargs: Any) -> None:
+    """Start the sweep's Ray as a Trainer would: the cluster ``RAY_ADDRESS`` names, else the
+    one ``ray start`` recorded on this node, else a local instance with room for one trial
+    (its driver and its workers). Never another script's embedded Ray. An entry point: it
+    reads ``RAY_ADDRESS`` here."""
+    needed = 1 + num_workers * cpus_per_worker
+    connect.connect(os.environ.get("RAY_ADDRESS"), ray_init_kwargs, needed, warned=set())
 
 
 def in_trial() -> bool:

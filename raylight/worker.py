@@ -32,6 +32,7 @@ from raylight.preemption import StopCheck
 from raylight.progress import Poster
 from raylight.rank_trainer import RankTrainer
 from raylight.seed import restore_rng
+from raylight.watchdog import StallWatch
 
 
 class _TrainingStepModule(nn.Module):
@@ -56,6 +57,9 @@ def _with_rank_context(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(self: Worker, *args: Any, **kwargs: Any) -> Any:
+        watch = self._watch
+        if watch is not None:
+            watch.begin_call(method.__name__)
         try:
             return method(self, *args, **kwargs)
         except BaseException as error:
@@ -75,6 +79,9 @@ def _with_rank_context(method: Callable[..., Any]) -> Callable[..., Any]:
                 except Exception as hook_error:  # the original error matters more
                     error.add_note(f"on_exception also raised: {hook_error!r}")
             raise
+        finally:
+            if watch is not None:
+                watch.end_call()
 
     return wrapper
 
@@ -90,6 +97,8 @@ class Worker:
         self.trainer: RankTrainer | None = None
         self._user_callbacks: list[Any] = []
         self._group_info: dict[str, int] = {}
+        self._rendezvous: socket.socket | None = None  # rank 0's listener until the store takes it
+        self._watch: StallWatch | None = None  # set once the process group exists
 
     def __repr__(self) -> str:
         # Ray prefixes this worker's stdout with its repr: "(rank=1 pid=...)".
@@ -114,10 +123,14 @@ class Worker:
     def route_storage(self, proxy: Any) -> None:
         storage.route_local_paths(proxy)
 
-    def free_port(self) -> int:
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            return sock.getsockname()[1]
+    def open_rendezvous(self, host: str) -> int:
+        """Rank 0: listen for the other ranks on ``host`` (loopback when the whole group is
+        on this node), on a free port that stays ours until the store takes it."""
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        listener.bind((host, 0))
+        listener.listen(128)
+        self._rendezvous = listener
+        return listener.getsockname()[1]
 
     def init_process_group(
         self,
@@ -127,31 +140,54 @@ class Worker:
         backend: str,
         timeout_s: float,
         cpus: int,
+        board: Any = None,
     ) -> None:
-        """Join the group; every rank must call this at about the same time."""
+        """Join the group; every rank must call this at about the same time. A group on one
+        node talks over loopback only: the store listens there, and gloo's and NCCL's
+        sockets use the loopback interface unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
+        say otherwise."""
         self.rank = ranks["RANK"]
         self._group_info = ranks
         os.environ.update({name: str(value) for name, value in ranks.items()})
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), OMP_NUM_THREADS=str(cpus)
         )
+        if _is_loopback(master_addr):
+            interface = _loopback_interface()
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
         torch.set_num_threads(cpus)
+        timeout = timedelta(seconds=timeout_s)
+        if self.rank == 0:
+            listener = self._rendezvous
+            store = dist.TCPStore(
+                master_addr,
+                master_port,
+                ranks["WORLD_SIZE"],
+                is_master=True,
+                timeout=timeout,
+                wait_for_workers=False,
+                master_listen_fd=listener.detach(),  # the store owns the socket from here
+            )
+        else:
+            store = dist.TCPStore(master_addr, master_port, ranks["WORLD_SIZE"], timeout=timeout)
         dist.init_process_group(
-            backend,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=ranks["RANK"],
-            world_size=ranks["WORLD_SIZE"],
-            timeout=timedelta(seconds=timeout_s),
+            backend, store=store, rank=self.rank, world_size=ranks["WORLD_SIZE"], timeout=timeout
         )
+        if board is not None:
+            self._watch = StallWatch(board, self.rank, timeout_s)
 
     def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
 
     # ---- stage set-up --------------------------------------------------------------------------
     @_with_rank_context
-    def setup(self, job: dict[str, Any]) -> None:
-        """Build this rank's trainer view for ``job['stage']`` (fit/validate/test/predict)."""
+    def setup(self, job: dict[str, Any]) -> list[str]:
+        """Build this rank's trainer view for ``job['stage']`` (fit/validate/test/predict);
+        returns rank 0's warnings for the driver."""
         config: TrainerConfig = job["config"]
         # Start from the driver's generator states, as each process of a DDP script would.
         restore_rng(job["rng_states"])
@@ -164,7 +200,11 @@ class Worker:
         trainer = self.trainer = RankTrainer(
             config, info["RANK"], info["LOCAL_RANK"], info["NODE_RANK"], info["WORLD_SIZE"], device
         )
+        if self._watch is not None:
+            trainer._watch = self._watch
+            self._watch.trainer = trainer
         trainer._loader_sources = job["loaders"]
+        trainer.ckpt_path = job.get("user_ckpt_path")
         module: LightningModule = job["module"]
         trainer.lightning_module, trainer.datamodule = module, job["datamodule"]
         self._user_callbacks = list(job["callbacks"])
@@ -195,6 +235,7 @@ class Worker:
             self._configure_optimizers(trainer)
         if job.get("ckpt_path"):
             checkpoint.restore(trainer, job["ckpt_path"], stage)
+        return trainer._take_notices()
 
     def _prepare_data(self, trainer: RankTrainer) -> None:
         # Once per node (or once per cluster when prepare_data_per_node is False).
@@ -212,6 +253,11 @@ class Worker:
     def _configure_optimizers(self, trainer: RankTrainer) -> None:
         module = trainer.lightning_module
         output = hooks.call_module(trainer, "configure_optimizers")
+        if output is None:
+            trainer._notice(
+                "`LightningModule.configure_optimizers` returned `None`, this fit will run "
+                "with no optimizer"
+            )
         trainer.optimizers, trainer.lr_scheduler_configs = parse_optimizers(output)
         if module.automatic_optimization and len(trainer.optimizers) > 1:
             raise MisconfigurationException(
@@ -287,12 +333,27 @@ class Worker:
         """Return once every checkpoint this rank wrote is committed."""
         self.trainer._writer.wait()
 
+    @_with_rank_context
     def save_checkpoint(self, filepath: str, weights_only: bool) -> None:
         self.trainer.save_checkpoint(filepath, weights_only)
         self.trainer._writer.wait()  # the driver's call returns once the file exists
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address == "::1"
+
+
+def _loopback_interface() -> str:
+    """The name of this node's loopback interface (``lo`` on Linux, ``lo0`` on macOS)."""
+    import psutil  # a Ray dependency
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addresses):
+            return name
+    return "lo"
+
+
 def _device(use_gpu: bool) -> torch.device:
     if use_gpu:
         # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPU, which is then device 0.

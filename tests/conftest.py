@@ -124,3 +124,35 @@ def s3_server():
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, small filesystem (a 1 MiB tmpfs) that a test can fill up; needs root."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a small real filesystem needs root to mount a tmpfs (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(folder, leave: int = 0) -> None:
+    """Fill the filesystem of ``folder`` until at most ``leave`` bytes are free."""
+    import errno
+
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(os.path.join(folder, "filler"), "wb") as file:
+        try:
+            file.write(b"\0" * max(0, free - leave))
+            file.flush()
+            os.fsync(file.fileno())
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise

@@ -230,3 +230,66 @@ def test_checkpoint_of_another_model_names_the_keys(tmp_path):
     assert torch.equal(
         loose.layer[0].weight, torch.load(path, weights_only=True)["state_dict"]["layer.0.weight"]
     )
+
+
+class FillsTheDisk(pl.Callback):
+    """At the end of one epoch, before the checkpoint callbacks save, rank 0's disk fills up."""
+
+    def __init__(self, folder: str, epoch: int) -> None:
+        self.folder, self.epoch = folder, epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.is_global_zero and trainer.current_epoch == self.epoch:
+            from conftest import fill
+
+            fill(self.folder)
+
+
+class PacedClassifier(Classifier):
+    def training_step(self, batch, batch_idx):
+        import time
+
+        time.sleep(0.05)  # lets the failed upload land while the next epoch has batches left
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_full_disk_stops_the_fit_at_the_next_batch_and_keeps_what_was_saved(
+    ray_session, small_disk
+):
+    import errno
+    import os
+
+    from raylight import checkpoint
+    from raylight.callbacks import ModelCheckpoint
+
+    callback = ModelCheckpoint(dirpath=small_disk / "checkpoints", save_top_k=-1)
+    trainer = pl.Trainer(
+        num_workers=2,
+        max_epochs=10,
+        default_root_dir=small_disk,
+        callbacks=[FillsTheDisk(str(small_disk), epoch=2), callback],
+        logger=False,
+        enable_progress_bar=False,
+    )
+    with pytest.raises(OSError) as info:
+        trainer.fit(PacedClassifier(), loader())
+    error = info.value
+    assert error.errno == errno.ENOSPC
+    assert "checkpoint upload to" in str(error)
+    assert "epoch=2-step=12.ckpt failed at once: [Errno 28]" in str(error)
+    notes = "\n".join(error.__notes__)
+    assert "rank 0 raised OSError in train_epoch (epoch 3, batch" in notes  # not at fit's end
+    assert not [p for p in small_disk.rglob("*") if ".partial-" in p.name]  # nothing left over
+    os.remove(small_disk / "filler")
+    # The checkpoints committed before the disk filled, and the index naming them, are whole.
+    entries = checkpoint._read_index(str(small_disk))
+    assert [os.path.basename(e["path"]) for e in entries] == [
+        "epoch=0-step=4.ckpt",
+        "epoch=1-step=8.ckpt",
+    ]
+    for entry in entries:
+        assert checkpoint.load(entry["path"])["global_step"] == entry["global_step"]
+    assert sorted(os.listdir(small_disk / "checkpoints")) == [
+        "epoch=0-step=4.ckpt",
+        "epoch=1-step=8.ckpt",
+    ]

@@ -119,6 +119,14 @@ def test_every_node_starts_ray_with_token_auth(path):
 
 
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS)
+def test_every_node_keeps_the_token_readable_by_its_owner_only(path):
+    config = _prepared(_load(path))
+    private = re.compile(r"^chmod (0?600|go-rwx) ~/\.ray/auth_token$")
+    for setup in ("head_setup_commands", "worker_setup_commands"):
+        assert any(private.match(cmd.strip()) for cmd in config[setup]), f"{path}: {setup}"
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS)
 def test_every_node_gets_the_project_and_installs_it(path):
     config = _prepared(_load(path))
     assert config["file_mounts"].get("~/src/raylight") == "."

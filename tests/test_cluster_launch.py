@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -134,12 +135,15 @@ def _accuracy(output: str) -> float:
     return float(found[-1])
 
 
-def test_ray_up_submit_job_submit_and_down_on_cluster_yaml(config, user_env, tmp_path):
+def test_ray_up_submit_job_submit_and_down_on_cluster_yaml(config, user_env, node, tmp_path):
     write_mnist(tmp_path / "mnist", n_train=1200, n_test=200)
     data = str(tmp_path / "mnist")
     example = ["--num-workers", "2", "--max-epochs", "1", "--data-dir", data]
     try:
         _run([RAY, "up", "-y", config], user_env, timeout_s=900)
+        # The token reached the node readable by its owner only (cluster.yaml's chmod).
+        token = node.home / ".ray" / "auth_token"
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600, oct(token.stat().st_mode)
 
         submitted = _run(
             [RAY, "submit", config, "examples/mnist.py", "--", *example],

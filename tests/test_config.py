@@ -51,6 +51,43 @@ def test_out_of_range_flag_raises_naming_the_flag(flags, named):
         raylight.Trainer(**flags)
 
 
+@pytest.mark.parametrize(
+    ("flags", "takes"),
+    [
+        ({"devices": "x"}, "a number of devices"),
+        ({"devices": "0,x"}, "a list of"),
+        ({"devices": []}, "a list of"),
+        ({"devices": 1.5}, "a number of devices"),
+        ({"devices": True}, "a number of devices"),
+        ({"val_check_interval": "x"}, "a number of batches"),
+        ({"fast_dev_run": "x"}, "an int >= 0"),
+        ({"max_epochs": "3"}, "an int >= 0"),
+        ({"default_root_dir": 5}, "a path or a storage URI"),
+        ({"process_group_timeout_s": "60"}, "seconds > 0"),
+        ({"process_group_timeout_s": 0}, "seconds > 0"),
+        ({"placement_timeout_s": -1}, "seconds > 0"),
+        ({"elastic_check_interval": None}, "seconds > 0"),
+        ({"max_failures": "3"}, "-1 (retry without limit)"),
+        ({"max_failures": -2}, "-1 (retry without limit)"),
+        ({"recovery_every_n_train_steps": 0}, "an int >= 1"),
+        ({"recovery_train_time_interval": 60}, "a datetime.timedelta"),
+        ({"ray_init_kwargs": ["num_cpus", 2]}, "a dict of ray.init arguments"),
+        ({"resources_per_worker": ["CPU"]}, "a dict of Ray resources"),
+        ({"use_gpu": "yes"}, "True or False"),
+        ({"callbacks": 5}, "a Callback or a list"),
+    ],
+)
+def test_a_bad_flag_value_names_the_flag_and_what_it_takes(flags, takes):
+    """Every flag error says ``Trainer(flag=value)`` and the values the flag takes, never a
+    bare ``invalid literal for int()`` from deep inside."""
+    ((name, value),) = flags.items()
+    with pytest.raises(MisconfigurationException) as info:
+        raylight.Trainer(**flags)
+    message = str(info.value)
+    assert f"Trainer({name}={value!r})" in message
+    assert takes in message
+
+
 def test_misconfiguration_is_a_value_error():
     with pytest.raises(ValueError):
         raylight.Trainer(max_epochs=-2)

@@ -261,3 +261,65 @@ def test_as_loader_list():
     assert as_loader_list(a) == [a]
     assert as_loader_list([a, b]) == [a, b]
     assert as_loader_list({"x": a, "y": b}) == [a, b]
+
+
+class UnevenShards(IterableDataset):
+    """Each rank reads its own shard, and the shards differ: ``sizes[rank]`` samples."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+
+    def __iter__(self):
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        generator = torch.Generator().manual_seed(rank)
+        for index in range(self.sizes[rank]):
+            yield torch.randn(8, generator=generator), index % 3
+
+
+@pytest.mark.slow
+def test_uneven_iterable_shards_end_the_epoch_on_every_rank_when_the_first_runs_out(
+    ray_session, tmp_path
+):
+    import time
+    import warnings
+
+    from models import Classifier
+
+    import raylight as pl
+    from raylight import checkpoint
+
+    trainer = pl.Trainer(
+        num_workers=2,
+        max_epochs=2,
+        process_group_timeout_s=60,  # were the ranks to wait for each other: fail, not hang
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    started = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(
+            Classifier(),
+            DataLoader(UnevenShards([24, 16]), batch_size=8),  # rank 0: 3 batches, rank 1: 2
+            DataLoader(UnevenShards([8, 16]), batch_size=8),  # rank 0: 1, rank 1: 2
+        )
+    assert time.monotonic() - started < 60
+    assert trainer.global_step == 4  # 2 batches per epoch on every rank, 2 epochs
+    messages = [str(w.message) for w in caught]
+    assert any(
+        "epoch 0: the ranks' train loaders gave different numbers of batches: rank(s) [1] ran "
+        "out after 2, while rank(s) [0] had more" in m
+        for m in messages
+    ), messages
+    assert any(
+        "the ranks' validation loaders gave different numbers of batches: rank(s) [0] ran out "
+        "after 1, while rank(s) [1] had more" in m
+        for m in messages
+    ), messages
+    # The epoch ended by running out: a checkpoint taken now resumes at the next epoch.
+    trainer.save_checkpoint(tmp_path / "end.ckpt")
+    position = checkpoint.load(str(tmp_path / "end.ckpt"))["raylight"]
+    assert (position["next_epoch"], position["batches_done"]) == (2, 0)

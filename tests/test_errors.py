@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
 import pytest
 import torch
 from models import Classifier, DataModule, loader
+from torch.utils.data import TensorDataset
 
 import raylight as pl
 from raylight.config import MisconfigurationException
@@ -216,3 +218,59 @@ def test_ray_address_pointing_to_nothing_fails_in_seconds(tmp_path):
     assert time.monotonic() - started < 60
     assert result.returncode != 0
     assert f"RAY_ADDRESS='127.0.0.1:{port}' points to no reachable Ray cluster" in result.stderr
+
+
+# ---- fits that would otherwise do nothing without a word ----------------------------------------
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (dict(max_epochs=0), "`max_epochs=0` reached."),
+        (dict(max_steps=0), "`max_steps=0` reached."),
+        (dict(limit_train_batches=0), "No training batches"),
+    ],
+)
+def test_a_fit_with_nothing_to_do_says_so_and_starts_no_worker(flags, reason, capsys):
+    model = Classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _trainer(**flags)
+    trainer.fit(model, loader())
+    assert f"`Trainer.fit` stopped: {reason}" in capsys.readouterr().err
+    assert trainer._group is None and trainer._board is None  # no worker, no actor
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class NoOptimizer(Classifier):
+    def configure_optimizers(self):
+        return None
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "data", "warning", "steps"),
+    [
+        (Classifier, dict(dataset=TensorDataset(torch.zeros(0, 8), torch.zeros(0).long())),
+         "Total length of `DataLoader` across ranks is zero", 0),
+        (Classifier, dict(batch_size=100, drop_last=True),  # 64 samples per rank, no batch
+         "Total length of `DataLoader` across ranks is zero", 0),
+        (NoOptimizer, {}, "`LightningModule.configure_optimizers` returned `None`, this fit "
+         "will run with no optimizer", 0),
+    ],
+)  # fmt: skip
+def test_lightnings_warnings_for_fits_that_train_nothing(
+    ray_session, model_cls, data, warning, steps
+):
+    trainer = _trainer(max_epochs=2)
+    with pytest.warns(UserWarning, match=re.escape(warning)):
+        trainer.fit(model_cls(), loader(**data))
+    assert trainer.global_step == steps
+
+
+def test_a_second_fit_after_max_epochs_does_nothing_and_says_so(ray_session, capsys):
+    trainer = _trainer(max_epochs=1)
+    model = Classifier()
+    trainer.fit(model, loader())
+    assert trainer.current_epoch == 1 and trainer.global_step == 4
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.fit(model, loader())
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached." in capsys.readouterr().err
+    assert trainer.global_step == 4
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())

@@ -124,3 +124,65 @@ def test_save_last_link_and_train_time_interval(ray_session, tmp_path):
     assert torch.load(last, weights_only=True)["global_step"] == 8
     # An interval of zero is due after every batch: one checkpoint per optimizer step.
     assert len(_names(tmp_path / "timed")) == 8
+
+
+def _fit(callback, max_epochs: int, module=None, ckpt_path=None) -> None:
+    trainer = pl.Trainer(
+        num_workers=2,
+        max_epochs=max_epochs,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module or Classifier(), loader(), loader(), ckpt_path=ckpt_path)
+
+
+def _crafted(path, tmp_path, **state) -> str:
+    """``path``'s checkpoint, its ModelCheckpoint state rewritten as a crafted file would be."""
+    saved = torch.load(path, weights_only=True)
+    key = next(k for k in saved["callbacks"] if k.startswith("ModelCheckpoint"))
+    saved["callbacks"][key].update(state)
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(saved, crafted)
+    return str(crafted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("monitor", [None, "score"])
+def test_a_checkpoint_from_elsewhere_never_deletes_files_outside_the_run(
+    ray_session, tmp_path, monitor
+):
+    directory = tmp_path / "run" / "checkpoints"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the run's")
+    _fit(ModelCheckpoint(dirpath=directory, monitor=monitor), 1, ScriptedScore())
+    (first,) = _names(directory)
+    # The state now names a file outside the callback's directory as the checkpoint to replace:
+    # as the last best (monitor=None), or as the worst of the top k (a score every new one beats).
+    crafted = _crafted(
+        directory / first,
+        tmp_path,
+        best_model_path=str(victim),
+        best_k_models={str(victim): 99.0} if monitor else {},
+        kth_best_model_path=str(victim) if monitor else "",
+        kth_value=99.0 if monitor else None,
+    )
+    callback = ModelCheckpoint(dirpath=directory, monitor=monitor)
+    _fit(callback, 3, ScriptedScore(), ckpt_path=crafted)
+    assert victim.read_text() == "not the run's"
+    assert os.path.exists(crafted)
+    # Inside its own directory the callback still replaces its checkpoints as before.
+    assert callback.best_model_path.startswith(str(directory))
+    assert os.path.exists(callback.best_model_path)
+    assert len(_names(directory)) == 2  # the first fit's file, and this fit's best
+
+
+@pytest.mark.slow
+def test_the_checkpoint_a_fit_resumes_from_is_kept(ray_session, tmp_path):
+    """Lightning's rule: the top 1 moves on, but the file the fit started from stays."""
+    _fit(ModelCheckpoint(dirpath=tmp_path), 1)
+    assert _names(tmp_path) == ["epoch=0-step=4.ckpt"]
+    callback = ModelCheckpoint(dirpath=tmp_path)
+    _fit(callback, 3, ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"))
+    assert _names(tmp_path) == ["epoch=0-step=4.ckpt", "epoch=2-step=12.ckpt"]
+    assert callback.best_model_path == str(tmp_path / "epoch=2-step=12.ckpt")

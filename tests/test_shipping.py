@@ -19,7 +19,7 @@ from cluster import LocalCluster, can_hide_paths
 
 import raylight
 from raylight import shipping
-from raylight.trainer import _code_for_the_cluster
+from raylight.connect import code_for_the_cluster
 
 FAR_IP = "127.0.0.2"
 FAR_VERSION = "0.0.0+far"
@@ -200,9 +200,9 @@ def test_a_symlinked_package_is_shipped_under_the_name_it_is_imported_by(tmp_pat
 def test_a_runtime_env_of_the_users_gets_the_modules_unless_it_carries_code(monkeypatch):
     monkeypatch.setattr(shipping, "user_code", lambda: ["/project/mymodel.py"])
     env_vars = {"env_vars": {"NCCL_DEBUG": "INFO"}}
-    assert _code_for_the_cluster({"runtime_env": env_vars}) == {
+    assert code_for_the_cluster({"runtime_env": env_vars}) == {
         "runtime_env": {"env_vars": {"NCCL_DEBUG": "INFO"}, "py_modules": ["/project/mymodel.py"]}
     }
-    assert _code_for_the_cluster({}) == {"runtime_env": {"py_modules": ["/project/mymodel.py"]}}
-    assert _code_for_the_cluster({"runtime_env": {"working_dir": "."}}) == {}
-    assert _code_for_the_cluster({"runtime_env": {"py_modules": ["/lib"]}}) == {}
+    assert code_for_the_cluster({}) == {"runtime_env": {"py_modules": ["/project/mymodel.py"]}}
+    assert code_for_the_cluster({"runtime_env": {"working_dir": "."}}) == {}
+    assert code_for_the_cluster({"runtime_env": {"py_modules": ["/lib"]}}) == {}

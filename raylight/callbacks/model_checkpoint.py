@@ -190,18 +190,29 @@ class ModelCheckpoint(Callback):
             self.save_weights_only,
         )
         root, verbose = trainer.default_root_dir, self.verbose
+        doomed = [p for p in remove if self._may_delete(trainer, p, filepath)]
 
         def commit() -> None:
-            for path in remove:
-                if path and path != filepath:
-                    storage.delete(path)
+            # The index first: should it fail, no file it names has been deleted.
             checkpoint.update_index(root, entry, remove)
+            for path in doomed:
+                storage.delete(path)
             if verbose:
                 print(
-                    f"Epoch {entry['epoch']}, global step {entry['global_step']}: saved {filepath}"
+                    f"Epoch {entry['epoch']}, global step {entry['global_step']}: saved "
+                    f"{storage.redact(filepath)}"
                 )
 
         return commit
+
+    def _may_delete(self, trainer: Any, path: str, current: str) -> bool:
+        """Lightning's rule, for every filesystem: only files in this callback's own
+        ``dirpath``, never the checkpoint the fit resumed from. The paths come from the
+        callback's state, which a checkpoint restores: one from elsewhere must not delete
+        files outside the run."""
+        if not path or path == current or path == trainer.ckpt_path:
+            return False
+        return storage.within(path, self.dirpath)
 
     def _decide(self, trainer: Any) -> dict[str, Any] | None:
         """Rank 0: where to save now (or None), the score, and what falls out of the top k."""

@@ -1,0 +1,58 @@
+"""The run's board: one small async actor per Trainer, through which the ranks tell the
+driver what it does not ask for, and the driver tells the ranks to stop.
+
+- the stop flag (``preemption``): the driver sets it once; ranks poll ``wait`` without
+  blocking;
+- rank 0's latest progress (``progress``), which the driver's bar reads;
+- every rank's heartbeat and stall reports (``watchdog``), which the driver reads while it
+  waits for a call.
+
+The actor holds no resources (``num_cpus=0``) and is gone with the Trainer's workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+
+class RunBoard:
+    """Made an async actor by the driver; all of its methods return at once but ``wait``."""
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+        self._progress: dict[str, Any] | None = None
+        self._stalls: list[dict[str, Any]] = []
+        self._beats: dict[int, float] = {}  # rank -> this actor's clock at its last beat
+
+    # ---- stop flag ----------------------------------------------------------------------------
+    async def set(self) -> None:  # on the actor's event loop, where the waiters are
+        self._stop.set()
+
+    async def wait(self) -> bool:
+        await self._stop.wait()
+        return True
+
+    # ---- progress -----------------------------------------------------------------------------
+    async def post(self, progress: dict[str, Any]) -> None:
+        self._progress = progress
+
+    async def latest(self) -> dict[str, Any] | None:
+        return self._progress
+
+    # ---- watch --------------------------------------------------------------------------------
+    async def beat(self, rank: int) -> None:
+        self._beats[rank] = time.monotonic()
+
+    async def stalled(self, report: dict[str, Any]) -> None:
+        self._stalls.append(report)
+
+    async def health(self) -> dict[str, Any]:
+        """The stall reports so far, and how long each rank has been silent (in seconds,
+        by this actor's clock, so nodes' clocks need not agree)."""
+        now = time.monotonic()
+        return {
+            "stalls": list(self._stalls),
+            "silent_s": {rank: now - at for rank, at in self._beats.items()},
+        }
