@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 
-import ray
 from ray import cloudpickle, tune
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the digits example's classes
@@ -21,7 +20,7 @@ import digits  # noqa: E402
 from digits import DigitsDataModule, DigitsModel  # noqa: E402
 
 import raylight as pl  # noqa: E402
-from raylight.tune import CHECKPOINT_NAME, resources  # noqa: E402
+from raylight.tune import CHECKPOINT_NAME, init_ray, resources  # noqa: E402
 
 # Tune's trial processes do not have this folder on their path: ship the classes with the
 # trainable instead of by module name.
@@ -49,24 +48,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _connect(num_workers: int) -> None:
-    """Join the cluster this runs on (ray submit, ray job submit); else start a local Ray."""
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS", "auto")
-    if address != "local":
-        try:
-            ray.init(address=address)
-            return
-        except ConnectionError:
-            if address != "auto":
-                raise
-    # A laptop: enough logical CPUs for one trial (its driver plus its workers).
-    ray.init(
-        address="local", num_cpus=max(os.cpu_count() or 1, 1 + num_workers), include_dashboard=False
-    )
-
-
 def _scheduler(args: argparse.Namespace) -> tune.schedulers.TrialScheduler:
     if args.pbt:
         return tune.schedulers.PopulationBasedTraining(
@@ -79,7 +60,7 @@ def _scheduler(args: argparse.Namespace) -> tune.schedulers.TrialScheduler:
 
 def main(argv: list[str] | None = None) -> float:
     args = _parse_args(argv)
-    _connect(args.num_workers)
+    init_ray(args.num_workers)  # RAY_ADDRESS, a `ray start` cluster here, else a local Ray
 
     def train_fn(config):
         trainer = pl.Trainer(
