@@ -111,11 +111,13 @@ def _check_limit(name: str, value: Any) -> int | float:
     )
 
 
-def check_seconds(name: str, value: Any) -> float:
-    """A positive duration in seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+def check_seconds(name: str, value: Any, zero: bool = False) -> float:
+    """A duration in seconds: positive, or with ``zero`` also 0 (as often as possible)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or value < 0 or (value == 0 and not zero):
         raise MisconfigurationException(
-            f"Trainer({name}={value!r}) is out of range: it takes a number of seconds > 0."
+            f"Trainer({name}={value!r}) is out of range: it takes a number of seconds "
+            f"{'>= 0' if zero else '> 0'}."
         )
     return float(value)
 
@@ -250,7 +252,7 @@ def check_run_flags(
 ) -> None:
     """The flags of the run on the cluster (raylight's own, beyond Lightning's)."""
     check_seconds("placement_timeout_s", placement_timeout_s)
-    check_seconds("elastic_check_interval", elastic_check_interval)
+    check_seconds("elastic_check_interval", elastic_check_interval, zero=True)  # 0: every epoch
     if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < -1:
         raise MisconfigurationException(
             f"Trainer(max_failures={max_failures!r}): use 0 (no retries), a positive count, "

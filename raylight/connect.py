@@ -44,7 +44,7 @@ def connect(
     joining = {**kwargs, **code_for_the_cluster(kwargs)}
     if ray_address not in (None, "", "local", "auto"):
         _probe(ray_address)
-        _init_or_explain(ray_address, joining, f"RAY_ADDRESS={redact_address(ray_address)!r}")
+        _init_or_explain(ray_address, joining, f"RAY_ADDRESS={storage.redact(ray_address)!r}")
         return
     if ray_address in (None, "", "auto"):
         recorded = recorded_cluster()
@@ -70,7 +70,8 @@ def connect(
 def _init_or_explain(address: str, kwargs: dict[str, Any], named: str) -> None:
     try:
         ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError) as error:
+    except (ConnectionError, RuntimeError, ray.exceptions.RayError) as error:
+        # RayError: an AuthenticationError, when the cluster's token is not this user's.
         raise ConnectionError(
             f"{named} points to no reachable Ray cluster ({storage.redact(str(error))}). Start "
             "one with `ray start --head`, fix RAY_ADDRESS, or set RAY_ADDRESS=local to let the "
@@ -116,16 +117,11 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as error:
         raise ConnectionError(
-            f"RAY_ADDRESS={redact_address(address)!r} points to no reachable Ray cluster: "
+            f"RAY_ADDRESS={storage.redact(address)!r} points to no reachable Ray cluster: "
             f"nothing answered at {host}:{port} within {timeout_s:.0f} s ({error}). Start one "
             "with `ray start --head`, fix RAY_ADDRESS, or unset it to let the Trainer start a "
             "local Ray instance."
         ) from None
-
-
-def redact_address(address: str) -> str:
-    """A Ray address as it may be shown (``ray://user:pass@host`` keeps no password)."""
-    return storage.redact(address)
 
 
 def token_path() -> str | None:

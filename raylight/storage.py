@@ -106,7 +106,7 @@ class DriverNodeStorage:
         path = _real(location)
         if any(within(path, folder) for folder in self._folders):
             return
-        if name in _READS and path in self._files:
+        if name in _READS and (path in self._files or path in self._folders):
             return
         raise PermissionError(
             f"{name} of {redact(location)} refused on the driver's node: it serves the run's "

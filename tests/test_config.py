@@ -66,7 +66,8 @@ def test_out_of_range_flag_raises_naming_the_flag(flags, named):
         ({"process_group_timeout_s": "60"}, "seconds > 0"),
         ({"process_group_timeout_s": 0}, "seconds > 0"),
         ({"placement_timeout_s": -1}, "seconds > 0"),
-        ({"elastic_check_interval": None}, "seconds > 0"),
+        ({"elastic_check_interval": None}, "seconds >= 0"),
+        ({"elastic_check_interval": -1}, "seconds >= 0"),
         ({"max_failures": "3"}, "-1 (retry without limit)"),
         ({"max_failures": -2}, "-1 (retry without limit)"),
         ({"recovery_every_n_train_steps": 0}, "an int >= 1"),
@@ -86,6 +87,10 @@ def test_a_bad_flag_value_names_the_flag_and_what_it_takes(flags, takes):
     message = str(info.value)
     assert f"Trainer({name}={value!r})" in message
     assert takes in message
+
+
+def test_an_elastic_check_at_every_epoch_end_is_allowed():
+    assert raylight.Trainer(elastic_check_interval=0).elastic_check_interval == 0
 
 
 def test_misconfiguration_is_a_value_error():

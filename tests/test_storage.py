@@ -73,6 +73,7 @@ def test_the_driver_node_storage_serves_only_the_run_folders(tmp_path):
     served.call("write_bytes", str(run / "ckpts" / "a.ckpt"), b"a")
     assert served.call("read_bytes", str(run / "ckpts" / "a.ckpt")) == b"a"
     assert served.call("read_bytes", str(resume)) == b"ckpt"  # the checkpoint it resumes from
+    assert served.call("list_names", str(run), directories=True) == ["ckpts", "link"]
     for name, args in [
         ("delete", (str(outside),)),
         ("delete", (str(run / "link" / "victim.txt"),)),  # a link out of the run
@@ -80,6 +81,7 @@ def test_the_driver_node_storage_serves_only_the_run_folders(tmp_path):
         ("write_bytes", (str(run / ".." / "victim.txt"), b"x")),
         ("link", (str(run / "ckpts" / "a.ckpt"), str(tmp_path / "x.ckpt"))),
         ("copy_tree", (str(tmp_path), str(run / "copy"))),
+        ("delete", (str(run),)),  # the folder itself: readable only
         ("route_local_paths", (None,)),  # not a storage call at all
     ]:
         with pytest.raises(PermissionError, match="refused|not a storage call"):
