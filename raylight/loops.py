@@ -366,11 +366,14 @@ def _while_every_rank_has_one(
     ran out. So before each batch the ranks agree, with one one-number all-reduce, that all
     of them have one; the epoch ends on every rank when the first runs out, and rank 0 notes
     which ranks had more. Loaders that are the same length on every rank by construction
-    (a DistributedSampler's) skip this.
+    (a DistributedSampler's) are returned as they are: nothing is added to their batches.
     """
     if trainer.world_size == 1 or same_length_on_every_rank(loader):
-        yield from batches
-        return
+        return batches
+    return _agreed_batches(trainer, batches, what)
+
+
+def _agreed_batches(trainer: RankTrainer, batches: Iterator[Any], what: str) -> Iterator[Any]:
     count = 0
     while True:
         batch = next(batches, _RAN_OUT)
@@ -379,16 +382,18 @@ def _while_every_rank_has_one(
             break
         count += 1
         yield batch
-    had_more = trainer._all_gather(torch.tensor(batch is not _RAN_OUT, device=trainer.device))
-    ahead = [rank for rank, more in enumerate(had_more.tolist()) if more]
+    more = torch.tensor(0.0 if batch is _RAN_OUT else 1.0, device=trainer.device)
+    ahead = [rank for rank, had in enumerate(trainer._all_gather(more).tolist()) if had]
     if ahead:
         out = [rank for rank in range(trainer.world_size) if rank not in ahead]
+        # Once per loop kind: an uneven stream is usually uneven every epoch.
         trainer._notice(
-            f"epoch {trainer.current_epoch}: the ranks' {what} loaders gave different numbers "
-            f"of batches: rank(s) {out} ran out after {count}, while rank(s) {ahead} had more. "
-            f"Every rank ended this {what} epoch after {count} batches, as the first to run "
-            "out did, instead of waiting for it forever. Give every rank the same number of "
-            "batches (shard an IterableDataset evenly by rank), or cap them with limit_*_batches."
+            f"the ranks' {what} loaders gave different numbers of batches (epoch "
+            f"{trainer.current_epoch}: rank(s) {out} ran out after {count}, while rank(s) "
+            f"{ahead} had more). Every rank ends such an epoch when the first runs out, "
+            "instead of waiting for it forever. Give every rank the same number of batches "
+            "(shard an IterableDataset evenly by rank), or cap them with limit_*_batches.",
+            once=f"uneven {what}",
         )
 
 

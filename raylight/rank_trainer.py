@@ -160,6 +160,7 @@ class RankTrainer:
         self._batch_idx: int | None = None
         self._watch: Any = NO_WATCH  # watchdog.StallWatch on a rank of a live group
         self._notices: list[str] = []  # rank 0's warnings for the driver to give
+        self._noticed: set[str] = set()  # what was already noted in this stage
 
     # ---- Lightning's read-only trainer attributes ---------------------------------------
     @property
@@ -235,13 +236,16 @@ class RankTrainer:
             self._notice(
                 f"Total length of `{type(loaders[0]).__name__}` across ranks is zero. Please "
                 "make sure this was your intention. `Trainer.fit` stopped: No training batches "
-                "(an empty dataset, a batch_size larger than a rank's share of it with "
-                "drop_last=True, or limit_train_batches=0)."
+                "(an empty dataset, or a batch_size larger than a rank's share of it with "
+                "drop_last=True)."
             )
 
-    def _notice(self, text: str) -> None:
-        """A warning for the user, given by the driver (rank 0's, once each)."""
-        if self.is_global_zero and text not in self._notices:
+    def _notice(self, text: str, once: str | None = None) -> None:
+        """A warning for the user, given by the driver (rank 0's, once each; with ``once``,
+        once per stage for every text under that key)."""
+        key = once or text
+        if self.is_global_zero and key not in self._noticed:
+            self._noticed.add(key)
             self._notices.append(text)
 
     def _take_notices(self) -> list[str]:

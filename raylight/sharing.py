@@ -18,6 +18,8 @@ from typing import Any
 
 import ray
 
+from raylight.group import fitting_workers
+
 # The one process-wide fact here: which Trainers of this process hold workers. Weak, so
 # that a Trainer that is gone holds nothing.
 _holders: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -37,14 +39,10 @@ def others(trainer: Any) -> list[Any]:
     return [t for t in list(_holders) if t is not trainer and t._holds_workers()]
 
 
-def fits(bundle: dict[str, float], count: int, available: dict[str, float]) -> bool:
-    return all(available.get(name, 0.0) >= amount * count for name, amount in bundle.items())
-
-
 def make_room(trainer: Any, bundle: dict[str, float], count: int) -> None:
     """Stop the idle workers of this process's other Trainers when ``count`` workers of
     ``bundle`` do not fit in the free resources now; return once Ray shows them free."""
-    if fits(bundle, count, ray.available_resources()):
+    if fitting_workers(bundle, ray.available_resources()) >= count:
         return
     idle = [t for t in others(trainer) if not t._busy]
     if not idle:
@@ -61,7 +59,10 @@ def make_room(trainer: Any, bundle: dict[str, float], count: int) -> None:
         flush=True,
     )
     deadline = time.monotonic() + _FREED_WAIT_S
-    while time.monotonic() < deadline and not fits(bundle, count, ray.available_resources()):
+    while (
+        time.monotonic() < deadline
+        and not fitting_workers(bundle, ray.available_resources()) >= count
+    ):
         time.sleep(0.1)
 
 
