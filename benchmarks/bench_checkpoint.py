@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 import raylight as pl
-from raylight import checkpoint
-from raylight.rank_trainer import RankTrainer
+from raylight.rank.rank_trainer import RankTrainer
+from raylight.shared import checkpoint
 
 GOAL_RATIO = 1.5
 

@@ -165,7 +165,7 @@ class LightningModule(nn.Module):
         """Build the module from a ``.ckpt`` (raylight's or pytorch-lightning's): its saved
         hyperparameters, overridden by ``kwargs``, then its weights."""
         # Imported here so that importing this file stays free of the engine.
-        from raylight import checkpoint as checkpoint_format
+        from raylight.shared import checkpoint as checkpoint_format
 
         loaded = checkpoint_format.load(os.fspath(checkpoint_path))
         hparams = {**loaded.get("hyper_parameters", {}), **kwargs}

@@ -18,7 +18,7 @@ import io
 import re
 import sys
 
-from raylight import storage
+from raylight.shared import storage
 
 _METRICS_FILE = "metrics.csv"
 _SPLIT_PREFIX = re.compile(r"^(train|val)([_/-]|$)")

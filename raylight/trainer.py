@@ -23,24 +23,25 @@ import ray
 import torch
 from ray import cloudpickle
 
-from raylight import checkpoint, connect, sharing, storage
-from raylight.board import RunBoard
 from raylight.callbacks import Callback, ModelCheckpoint, ModelSummary
-from raylight.config import (
+from raylight.datamodule import LightningDataModule
+from raylight.driver import connect, sharing
+from raylight.driver.controller import Controller
+from raylight.driver.display import ProgressDisplay
+from raylight.driver.group import WorkerGroup
+from raylight.loggers import CSVLogger, Logger, TensorBoardLogger
+from raylight.loggers.tensorboard import tensorboard_available
+from raylight.module import LightningModule
+from raylight.seed import capture_rng
+from raylight.shared import checkpoint_index, storage
+from raylight.shared.board import RunBoard
+from raylight.shared.config import (
     NO_TRAIN_LOADER,
     MisconfigurationException,
     check_run_flags,
     make_config,
     make_scaling,
 )
-from raylight.controller import Controller
-from raylight.datamodule import LightningDataModule
-from raylight.group import WorkerGroup
-from raylight.loggers import CSVLogger, Logger, TensorBoardLogger
-from raylight.loggers.tensorboard import tensorboard_available
-from raylight.module import LightningModule
-from raylight.progress import ProgressDisplay
-from raylight.seed import capture_rng
 
 _STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"}
 _STAGE_LOADER = {"validate": "val", "test": "test", "predict": "predict"}
@@ -369,7 +370,7 @@ class Trainer:
         for point in points:
             metrics = {**point["callback_metrics"], "epoch": point["epoch"]}
             metrics["step"] = point["global_step"]
-            entry = checkpoint.latest_of_run(root, self.config.run_id, point["global_step"])
+            entry = checkpoint_index.latest_of_run(root, self.config.run_id, point["global_step"])
             fresh = entry is not None and entry["time"] > self._tune_checkpoint_time
             if fresh:
                 self._tune_checkpoint_time = entry["time"]
@@ -439,7 +440,13 @@ class Trainer:
         root = self.config.default_root_dir
         path = storage.join(root, "recovery", f"resize-epoch={self.current_epoch}.ckpt")
         group.run_on_all("save_checkpoint", path, False, what="resize checkpoint")
-        checkpoint.update_index(root, checkpoint.index_entry(self, path), [])
+        entry = checkpoint_index.index_entry(
+            path,
+            epoch=self.current_epoch,
+            global_step=self.global_step,
+            run_id=self.config.run_id,
+        )
+        checkpoint_index.update_index(root, entry, [])
         warnings.warn(
             f"resources for {target} workers are free (running {group.size}): restarting the "
             f"group bigger from {storage.redact(path)}.",
@@ -452,7 +459,7 @@ class Trainer:
     ) -> tuple[str | None, int]:
         """The latest full checkpoint this fit committed, with its global step; else where
         the fit started (``ckpt_path`` or the beginning)."""
-        entry = checkpoint.latest_of_run(self.config.default_root_dir, self.config.run_id)
+        entry = checkpoint_index.latest_of_run(self.config.default_root_dir, self.config.run_id)
         if entry is not None:
             return entry["path"], entry["global_step"]
         return ckpt_path, first_step or 0
@@ -590,9 +597,9 @@ class Trainer:
                     f'.{fn}(ckpt_path="best") is set but `ModelCheckpoint` is not configured.'
                 )
             path = callback.best_model_path or (
-                checkpoint.best_in_index(root, callback.monitor, callback.mode)
+                checkpoint_index.best_in_index(root, callback.monitor, callback.mode)
                 if callback.monitor
-                else checkpoint.latest_in_index(root)
+                else checkpoint_index.latest_in_index(root)
             )
             if not path:
                 raise MisconfigurationException(
@@ -601,7 +608,7 @@ class Trainer:
                 )
             return path
         paths = [cb.last_model_path or cb.best_model_path for cb in self.checkpoint_callbacks]
-        path = next((p for p in paths if p), None) or checkpoint.latest_in_index(root)
+        path = next((p for p in paths if p), None) or checkpoint_index.latest_in_index(root)
         if path is None:
             warnings.warn(
                 f'.{fn}(ckpt_path="last") is set, but there is no last checkpoint under '

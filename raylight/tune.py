@@ -34,7 +34,8 @@ from typing import Any
 
 from ray.tune import PlacementGroupFactory
 
-from raylight import connect, storage
+from raylight.driver import connect
+from raylight.shared import storage
 
 CHECKPOINT_NAME = "checkpoint.ckpt"  # the file inside a checkpoint directory handed to Tune
 

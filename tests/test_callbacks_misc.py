@@ -13,7 +13,7 @@ from pytorch_lightning.callbacks import Timer as LightningTimer
 
 import raylight as pl
 from raylight.callbacks import LambdaCallback, Timer
-from raylight.config import MisconfigurationException
+from raylight.shared.config import MisconfigurationException
 
 
 class Slow(Classifier):

@@ -218,7 +218,7 @@ class Wider(Classifier):
 
 
 def test_checkpoint_of_another_model_names_the_keys(tmp_path):
-    from raylight import checkpoint
+    from raylight.shared import checkpoint
 
     path = str(tmp_path / "small.ckpt")
     checkpoint.save({"state_dict": Classifier().state_dict(), "hyper_parameters": {}}, path)
@@ -259,8 +259,8 @@ def test_a_full_disk_stops_the_fit_at_the_next_batch_and_keeps_what_was_saved(
     import errno
     import os
 
-    from raylight import checkpoint
     from raylight.callbacks import ModelCheckpoint
+    from raylight.shared import checkpoint, checkpoint_index
 
     callback = ModelCheckpoint(dirpath=small_disk / "checkpoints", save_top_k=-1)
     trainer = pl.Trainer(
@@ -282,7 +282,7 @@ def test_a_full_disk_stops_the_fit_at_the_next_batch_and_keeps_what_was_saved(
     assert not [p for p in small_disk.rglob("*") if ".partial-" in p.name]  # nothing left over
     os.remove(small_disk / "filler")
     # The checkpoints committed before the disk filled, and the index naming them, are whole.
-    entries = checkpoint._read_index(str(small_disk))
+    entries = checkpoint_index._read_index(str(small_disk))
     assert [os.path.basename(e["path"]) for e in entries] == [
         "epoch=0-step=4.ckpt",
         "epoch=1-step=8.ckpt",

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 import raylight
-from raylight.config import MisconfigurationException, make_scaling
+from raylight.shared.config import MisconfigurationException, make_scaling
 
 # ---- out-of-range flags ------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import ray
 
-from raylight import connect
+from raylight.driver import connect
 
 SCRIPT = """
 import ray

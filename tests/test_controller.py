@@ -6,8 +6,8 @@ import pytest
 import ray
 import torch.distributed as dist
 
-from raylight.controller import Controller, FailureLimitExceeded, is_system_failure
-from raylight.group import WorkerFailure
+from raylight.driver.controller import Controller, FailureLimitExceeded, is_system_failure
+from raylight.driver.group import WorkerFailure
 
 
 def test_system_failures_are_retried_and_user_errors_are_not():

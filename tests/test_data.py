@@ -13,8 +13,14 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from raylight.config import MisconfigurationException
-from raylight.data import ContiguousSampler, as_loader_list, distribute, limit_batches, set_epoch
+from raylight.rank.data import (
+    ContiguousSampler,
+    as_loader_list,
+    distribute,
+    limit_batches,
+    set_epoch,
+)
+from raylight.shared.config import MisconfigurationException
 
 
 class Range(Dataset):
@@ -288,7 +294,7 @@ def test_uneven_iterable_shards_end_the_epoch_on_every_rank_when_the_first_runs_
     from models import Classifier
 
     import raylight as pl
-    from raylight import checkpoint
+    from raylight.shared import checkpoint
 
     trainer = pl.Trainer(
         num_workers=2,

@@ -13,7 +13,7 @@ from pytorch_lightning.callbacks import EarlyStopping as LightningEarlyStopping
 import raylight as pl
 from raylight.callbacks import EarlyStopping
 from raylight.callbacks.early_stopping import EarlyStoppingReason
-from raylight.config import MisconfigurationException
+from raylight.shared.config import MisconfigurationException
 
 NAN = math.nan
 

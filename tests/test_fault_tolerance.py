@@ -12,7 +12,7 @@ import torch
 from models import Classifier, loader
 
 import raylight as pl
-from raylight.controller import FailureLimitExceeded
+from raylight.driver.controller import FailureLimitExceeded
 
 pytestmark = pytest.mark.slow
 

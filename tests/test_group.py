@@ -8,8 +8,8 @@ import pytest
 from models import Classifier, loader
 
 import raylight as pl
-from raylight.group import WorkerGroup
-from raylight.worker import Worker
+from raylight.driver.group import WorkerGroup
+from raylight.rank.worker import Worker
 
 
 def _recording_trainer_class() -> type[pl.Trainer]:

@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import raylight as pl
 import raylight.trainer
-from raylight import storage
 from raylight.loggers import CSVLogger, TensorBoardLogger
+from raylight.shared import storage
 
 
 def test_csv_logger_layout_and_growing_header(tmp_path):

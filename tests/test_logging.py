@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from raylight.logging import MetricLog, extract_batch_size, to_floats
+from raylight.rank.logging import MetricLog, extract_batch_size, to_floats
 
 
 class FakeAllReduce:

@@ -13,9 +13,9 @@ from pytorch_lightning.callbacks import LearningRateMonitor as LightningMonitor
 
 import raylight as pl
 from raylight.callbacks import LearningRateMonitor
-from raylight.config import MisconfigurationException
 from raylight.loggers import CSVLogger
-from raylight.optim import LRSchedulerConfig
+from raylight.rank.optim import LRSchedulerConfig
+from raylight.shared.config import MisconfigurationException
 
 
 def _net() -> torch.nn.Module:

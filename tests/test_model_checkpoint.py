@@ -10,7 +10,7 @@ from models import Classifier, ScriptedScore, loader
 
 import raylight as pl
 from raylight.callbacks import ModelCheckpoint
-from raylight.config import MisconfigurationException
+from raylight.shared.config import MisconfigurationException
 
 
 def _names(directory) -> list[str]:

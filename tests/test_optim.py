@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from raylight.config import MisconfigurationException
-from raylight.optim import LightningOptimizer, LRSchedulerConfig, parse_optimizers
+from raylight.rank.optim import LightningOptimizer, LRSchedulerConfig, parse_optimizers
+from raylight.shared.config import MisconfigurationException
 
 
 def make_optimizer(lr=0.1):

@@ -19,10 +19,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 JOB = """
 import sys, time
 import raylight as pl
-import raylight.progress
+import raylight.driver.display
 from models import Classifier, loader
 
-raylight.progress.PLAIN_LINE_EVERY_S = 0.5  # so that a short test sees the periodic line
+raylight.driver.display.PLAIN_LINE_EVERY_S = 0.5  # so that a short test sees the periodic line
 
 class Slow(Classifier):
     def training_step(self, batch, batch_idx):

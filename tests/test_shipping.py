@@ -18,8 +18,8 @@ import pytest
 from cluster import LocalCluster, can_hide_paths
 
 import raylight
-from raylight import shipping
-from raylight.connect import code_for_the_cluster
+from raylight.driver.connect import code_for_the_cluster
+from raylight.shared import shipping
 
 FAR_IP = "127.0.0.2"
 FAR_VERSION = "0.0.0+far"

@@ -10,8 +10,8 @@ import pytest
 from models import Classifier, ScriptedScore, loader
 
 import raylight as pl
-from raylight import checkpoint, storage
 from raylight.callbacks import ModelCheckpoint
+from raylight.shared import checkpoint, storage
 
 SECRETS = ("SeKrEtKeY123", "AKIDSECRET77", "TOKENabc999", "pa55word")
 
@@ -239,7 +239,7 @@ def test_async_writer_retries_commits_in_order_and_reports_failures(tmp_path, mo
 
 _KILLED_WRITER = """
 import os, signal, sys
-from raylight import storage
+from raylight.shared import storage
 os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # die before publishing
 storage.write_bytes(sys.argv[1], b"new checkpoint, never published")
 """
@@ -306,7 +306,7 @@ def test_no_error_shows_credentials(s3_server):
 _S3_DRIVER = """
 import sys, traceback
 import raylight as pl
-from raylight import storage
+from raylight.shared import storage
 from raylight.callbacks import ModelCheckpoint
 from models import Classifier, loader
 

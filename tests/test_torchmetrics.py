@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import raylight as pl
 from raylight.loggers import CSVLogger
-from raylight.logging import MetricLog
+from raylight.rank.logging import MetricLog
 
 TRAIN = make_dataset(128, seed=0)  # 2 ranks x 4 batches of 16: no DistributedSampler padding
 VAL = make_dataset(64, seed=1)  # 2 ranks x 2 batches of 16

@@ -9,8 +9,8 @@ import pytest
 from models import Classifier, loader
 
 import raylight as pl
-from raylight import watchdog
-from raylight.group import StalledRank
+from raylight.driver.group import StalledRank
+from raylight.rank import watchdog
 
 
 class _Recorded:
@@ -154,7 +154,7 @@ def test_work_between_batches_is_bounded_by_the_process_group_timeout(ray_sessio
 
 
 def test_the_driver_reads_a_stall_report_or_a_silent_heartbeat_as_a_stalled_rank():
-    from raylight.group import _unhealthy
+    from raylight.driver.group import _unhealthy
 
     quiet = {"stalls": [], "silent_s": {0: 2.0, 1: 3.0}}
     assert _unhealthy(quiet, "epoch 1", timeout_s=60, size=2) is None
@@ -174,9 +174,9 @@ def test_the_driver_reads_a_stall_report_or_a_silent_heartbeat_as_a_stalled_rank
 def test_the_driver_stops_the_group_when_the_board_reports_a_stall(ray_session):
     import ray
 
-    from raylight.board import RunBoard
-    from raylight.config import make_scaling
-    from raylight.group import WorkerGroup
+    from raylight.driver.group import WorkerGroup
+    from raylight.shared.board import RunBoard
+    from raylight.shared.config import make_scaling
 
     board = ray.remote(RunBoard).options(num_cpus=0).remote()
     group = WorkerGroup(make_scaling(2, False, None, None, None, 1, None), 10)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from raylight.callbacks.callback import Callback
-from raylight.config import MisconfigurationException
+from raylight.shared.config import MisconfigurationException
 
 
 class EarlyStoppingReason(Enum):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from raylight.callbacks.callback import Callback
-from raylight.config import MisconfigurationException
+from raylight.shared.config import MisconfigurationException
 
 _INTERVALS = (None, "step", "epoch")
 

@@ -16,9 +16,9 @@ import time
 import warnings
 from typing import Any
 
-from raylight import checkpoint, storage
 from raylight.callbacks.callback import Callback
-from raylight.config import MisconfigurationException
+from raylight.shared import checkpoint, checkpoint_index, storage
+from raylight.shared.config import MisconfigurationException
 
 
 class ModelCheckpoint(Callback):
@@ -182,19 +182,21 @@ class ModelCheckpoint(Callback):
         that fell out of the top k, then record the new one in the run's index."""
         if not trainer.is_global_zero:
             return None
-        entry = checkpoint.index_entry(
-            trainer,
+        entry = checkpoint_index.index_entry(
             filepath,
-            self.monitor if monitor is ... else monitor,
-            score,
-            self.save_weights_only,
+            epoch=trainer.current_epoch,
+            global_step=trainer.global_step,
+            run_id=trainer.config.run_id,
+            monitor=self.monitor if monitor is ... else monitor,
+            score=score,
+            weights_only=self.save_weights_only,
         )
         root, verbose = trainer.default_root_dir, self.verbose
         doomed = [p for p in remove if self._may_delete(trainer, p, filepath)]
 
         def commit() -> None:
             # The index first: should it fail, no file it names has been deleted.
-            checkpoint.update_index(root, entry, remove)
+            checkpoint_index.update_index(root, entry, remove)
             for path in doomed:
                 storage.delete(path)
             if verbose:

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from raylight.callbacks.callback import Callback
-from raylight.config import MisconfigurationException
+from raylight.shared.config import MisconfigurationException
 
 _STAGES = ("train", "sanity_check", "validate", "test", "predict")  # Lightning's RunningStage
 _INTERVALS = ("step", "epoch")

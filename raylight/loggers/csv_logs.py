@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from raylight import storage
 from raylight.loggers.logger import Logger, next_version, version_folder
+from raylight.shared import storage
 
 
 class CSVLogger(Logger):

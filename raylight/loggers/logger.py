@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raylight import storage
+from raylight.shared import storage
 
 
 class Logger:

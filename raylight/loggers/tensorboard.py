@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import yaml
 
-from raylight import storage
 from raylight.loggers.csv_logs import _plain
 from raylight.loggers.logger import Logger, next_version, version_folder
+from raylight.shared import storage
 
 
 def _writer_package() -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import io
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +19,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from raylight import hooks, storage
-from raylight.data import sampler_order_args
+from raylight.rank import hooks
+from raylight.rank.data import sampler_order_args
 from raylight.seed import capture_rng
+from raylight.shared import storage
 
 LIGHTNING_VERSION = "2.6.0"  # the format version pytorch-lightning readers check
 RAYLIGHT_VERSION = "0.1.0"
@@ -356,79 +356,3 @@ def restore(trainer: Any, filepath: str, stage: str) -> None:
     if len(rng_states) == trainer.world_size:  # exact only at the same world size
         trainer._resume_rng = rng_states[trainer.global_rank]
     trainer._batches_that_stepped = position.get("batches_that_stepped", checkpoint["global_step"])
-
-
-# ---- the run's checkpoint index, kept in storage -------------------------------------------------
-# A checkpoint is committed once its file is written; the index is updated after that, so
-# every entry names a complete file. It lives at the run's root (default_root_dir), so a new
-# driver process finds "last" and "best" there, whichever version directory they are in.
-INDEX_NAME = ".raylight-checkpoints.json"
-
-
-def _read_index(root: str) -> list[dict[str, Any]]:
-    location = storage.join(root, INDEX_NAME)
-    if not storage.exists(location):
-        return []
-    return json.loads(storage.read_bytes(location))["checkpoints"]
-
-
-def index_entry(
-    trainer: Any,
-    path: str,
-    monitor: str | None = None,
-    score: float | None = None,
-    weights_only: bool = False,
-) -> dict[str, Any]:
-    """What the index records of a checkpoint taken now by ``trainer`` (driver or rank)."""
-    return {
-        "path": path,
-        "epoch": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "monitor": monitor,
-        "score": score,
-        "run": trainer.config.run_id,
-        "weights_only": weights_only,
-    }
-
-
-def update_index(root: str, added: dict[str, Any] | None, removed: list[str]) -> None:
-    """Record ``added`` (stamped with the commit time) and forget ``removed``."""
-    entries = [e for e in _read_index(root) if e["path"] not in removed]
-    if added is not None:
-        added = {**added, "time": time.time()}
-        entries = [e for e in entries if e["path"] != added["path"]] + [added]
-    document = {"checkpoints": entries}
-    storage.write_bytes(storage.join(root, INDEX_NAME), json.dumps(document, indent=1).encode())
-
-
-def latest_in_index(root: str) -> str | None:
-    entries = [e for e in _read_index(root) if storage.exists(e["path"])]
-    if not entries:
-        return None
-    return max(entries, key=lambda e: e["time"])["path"]  # the newest commit, of any run
-
-
-def latest_of_run(root: str, run_id: str, up_to_step: int | None = None) -> dict[str, Any] | None:
-    """The newest full (not weights-only) checkpoint that fit ``run_id`` committed, taken
-    at global step ``up_to_step`` or before when that is given."""
-    entries = [
-        e
-        for e in _read_index(root)
-        if e.get("run") == run_id
-        and not e.get("weights_only")
-        and (up_to_step is None or e["global_step"] <= up_to_step)
-        and storage.exists(e["path"])
-    ]
-    return max(entries, key=lambda e: e["time"]) if entries else None
-
-
-def best_in_index(root: str, monitor: str, mode: str) -> str | None:
-    scored = [
-        e
-        for e in _read_index(root)
-        if e.get("monitor") == monitor and e.get("score") is not None and storage.exists(e["path"])
-    ]
-    if not scored:
-        return None
-    pick = min if mode == "min" else max
-    return pick(scored, key=lambda e: e["score"])["path"]

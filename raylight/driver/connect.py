@@ -28,7 +28,7 @@ from typing import Any
 
 import ray
 
-from raylight import shipping, storage
+from raylight.shared import shipping, storage
 
 
 def connect(

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from raylight import checkpoint, hooks, storage
-from raylight.config import MisconfigurationException
-from raylight.data import (
+from raylight.module import LightningModule, move_data_to_device
+from raylight.rank import hooks
+from raylight.rank.data import (
     epoch_order,
     has_source,
     is_overridden,
@@ -31,10 +31,11 @@ from raylight.data import (
     set_epoch,
     skip_batches,
 )
-from raylight.logging import MetricLog, to_floats
-from raylight.module import LightningModule, move_data_to_device
-from raylight.rank_trainer import RankTrainer
+from raylight.rank.logging import MetricLog, to_floats
+from raylight.rank.rank_trainer import RankTrainer
 from raylight.seed import restore_rng
+from raylight.shared import checkpoint, checkpoint_index, storage
+from raylight.shared.config import MisconfigurationException
 
 
 # ---- fit ----------------------------------------------------------------------------------
@@ -249,10 +250,15 @@ def _save_and_stop(trainer: RankTrainer) -> None:
     path = storage.join(
         root, "recovery", f"stopped-epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
     )
-    entry = checkpoint.index_entry(trainer, path)
+    entry = checkpoint_index.index_entry(
+        path,
+        epoch=trainer.current_epoch,
+        global_step=trainer.global_step,
+        run_id=trainer.config.run_id,
+    )
 
     def commit() -> None:
-        checkpoint.update_index(root, entry, [])
+        checkpoint_index.update_index(root, entry, [])
 
     checkpoint.save_from_rank(trainer, path, on_commit=commit if trainer.is_global_zero else None)
     trainer._writer.wait()

@@ -19,10 +19,10 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from raylight import hooks
-from raylight.config import MisconfigurationException
 from raylight.datamodule import LightningDataModule
 from raylight.module import LightningModule
+from raylight.rank import hooks
+from raylight.shared.config import MisconfigurationException
 
 
 class ContiguousSampler(Sampler[int]):

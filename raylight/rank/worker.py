@@ -23,16 +23,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from raylight import checkpoint, hooks, loops, shipping, storage
-from raylight.config import MisconfigurationException, TrainerConfig
-from raylight.data import request_loaders
 from raylight.module import LightningModule
-from raylight.optim import LightningOptimizer, parse_optimizers
-from raylight.preemption import StopCheck
-from raylight.progress import Poster
-from raylight.rank_trainer import RankTrainer
+from raylight.rank import hooks, loops
+from raylight.rank.data import request_loaders
+from raylight.rank.optim import LightningOptimizer, parse_optimizers
+from raylight.rank.poster import Poster
+from raylight.rank.preemption import StopCheck
+from raylight.rank.rank_trainer import RankTrainer
+from raylight.rank.watchdog import StallWatch
 from raylight.seed import restore_rng
-from raylight.watchdog import StallWatch
+from raylight.shared import checkpoint, shipping, storage
+from raylight.shared.config import MisconfigurationException, TrainerConfig
 
 
 class _TrainingStepModule(nn.Module):

@@ -15,7 +15,7 @@ import dataclasses
 
 import ray
 
-from raylight.group import WorkerFailure, collective_broke
+from raylight.driver.group import WorkerFailure, collective_broke
 
 
 class FailureLimitExceeded(RuntimeError):

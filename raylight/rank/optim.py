@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from raylight.config import MisconfigurationException
+from raylight.shared.config import MisconfigurationException
 
 _SCHEDULER_KEYS = {
     "scheduler",

@@ -22,9 +22,10 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
-from raylight import shipping, storage, watchdog
-from raylight.config import MisconfigurationException, Scaling
-from raylight.worker import Worker
+from raylight.rank import watchdog
+from raylight.rank.worker import Worker
+from raylight.shared import shipping, storage
+from raylight.shared.config import MisconfigurationException, Scaling
 
 
 class WorkerFailure(RuntimeError):

@@ -16,12 +16,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.parallel.distributed import _find_tensors
 
-from raylight import hooks
-from raylight.checkpoint import AsyncWriter, save_from_rank
-from raylight.config import NO_TRAIN_LOADER, MisconfigurationException, TrainerConfig
-from raylight.data import request_loaders
-from raylight.logging import MetricLog
-from raylight.watchdog import NO_WATCH
+from raylight.rank import hooks
+from raylight.rank.data import request_loaders
+from raylight.rank.logging import MetricLog
+from raylight.rank.watchdog import NO_WATCH
+from raylight.shared.checkpoint import AsyncWriter, save_from_rank
+from raylight.shared.config import NO_TRAIN_LOADER, MisconfigurationException, TrainerConfig
 
 _REDUCE_OPS = {
     "mean": dist.ReduceOp.SUM,

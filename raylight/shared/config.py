@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from raylight import storage
+from raylight.shared import storage
 
 _PRECISIONS = {
     "32-true": "32-true",

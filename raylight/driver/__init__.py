@@ -1,0 +1,1 @@
+"""The driver's side: what runs in the process that calls ``Trainer.fit``."""

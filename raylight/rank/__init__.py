@@ -1,0 +1,1 @@
+"""The rank's side: what runs inside each worker actor, one per rank."""

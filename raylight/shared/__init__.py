@@ -1,0 +1,2 @@
+"""What the driver and the ranks share: configuration, storage, the checkpoint format and
+the run's board."""
