@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import raylight as pl
+from raylight.rank import checkpointing
 from raylight.rank.rank_trainer import RankTrainer
 from raylight.shared import checkpoint
 
@@ -70,7 +71,7 @@ def main() -> None:
             path = str(Path(tmp) / f"step-{repeat}.ckpt")
             figures["copy"].append(_copy_seconds(trainer))
             start = time.perf_counter()
-            checkpoint.save_from_rank(trainer, path)
+            checkpointing.save_from_rank(trainer, path)
             figures["stall"].append(time.perf_counter() - start)
             trainer._writer.wait()
             figures["commit"].append(time.perf_counter() - start)

@@ -2,7 +2,9 @@
 
 This file imports nothing of the engine. Everything that needs the engine
 (``log``, ``optimizers``, ``manual_backward``, ``all_gather``) goes through
-``self.trainer``, the per-rank trainer view that the worker attaches.
+``self.trainer``, the per-rank trainer view that the worker attaches. The one raylight
+import is the ``.ckpt`` format (pure data: torch and storage only), which
+``load_from_checkpoint`` reads.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+# The .ckpt format only (it imports torch and storage, nothing of the engine).
+from raylight.shared import checkpoint as checkpoint_format
 
 
 class AttributeDict(dict):
@@ -164,9 +169,6 @@ class LightningModule(nn.Module):
     ) -> LightningModule:
         """Build the module from a ``.ckpt`` (raylight's or pytorch-lightning's): its saved
         hyperparameters, overridden by ``kwargs``, then its weights."""
-        # Imported here so that importing this file stays free of the engine.
-        from raylight.shared import checkpoint as checkpoint_format
-
         loaded = checkpoint_format.load(os.fspath(checkpoint_path))
         hparams = {**loaded.get("hyper_parameters", {}), **kwargs}
         model = cls(**hparams)

@@ -11,6 +11,7 @@ from models import Classifier, ScriptedScore, loader
 
 import raylight as pl
 from raylight.callbacks import ModelCheckpoint
+from raylight.rank import checkpointing
 from raylight.shared import checkpoint, storage
 
 SECRETS = ("SeKrEtKeY123", "AKIDSECRET77", "TOKENabc999", "pa55word")
@@ -103,7 +104,7 @@ def test_a_failed_write_leaves_no_partial_file(small_disk):
 
 
 def test_a_permanent_write_error_is_not_retried_and_stops_at_the_next_check(tmp_path, monkeypatch):
-    writer = checkpoint.AsyncWriter(attempts=3, backoff_s=5.0)
+    writer = checkpointing.AsyncWriter(attempts=3, backoff_s=5.0)
     calls = []
 
     def full_disk(location, data):
@@ -212,7 +213,7 @@ def test_unreachable_storage_fails_fast_without_leaking_credentials():
 
 
 def test_async_writer_retries_commits_in_order_and_reports_failures(tmp_path, monkeypatch):
-    writer = checkpoint.AsyncWriter(attempts=3, backoff_s=0.01)
+    writer = checkpointing.AsyncWriter(attempts=3, backoff_s=0.01)
     real_write = storage.write_bytes
     failures = {"flaky.bin": 2, "broken.bin": 99}
     committed = []

@@ -17,7 +17,8 @@ import warnings
 from typing import Any
 
 from raylight.callbacks.callback import Callback
-from raylight.shared import checkpoint, checkpoint_index, storage
+from raylight.rank import checkpointing
+from raylight.shared import checkpoint_index, storage
 from raylight.shared.config import MisconfigurationException
 
 
@@ -157,7 +158,7 @@ class ModelCheckpoint(Callback):
         if filepath is not None:
             self._record(filepath, score, remove)
             commit = self._committer(trainer, filepath, score, remove)
-            checkpoint.save_from_rank(trainer, filepath, self.save_weights_only, commit)
+            checkpointing.save_from_rank(trainer, filepath, self.save_weights_only, commit)
         if self.save_last == "link" and filepath is not None:
             # last.ckpt points at the file just saved (a copy on object stores), once it exists.
             last = self._last_path(trainer)
@@ -168,7 +169,7 @@ class ModelCheckpoint(Callback):
             last = self._last_path(trainer)
             self.last_model_path = last
             commit = self._committer(trainer, last, None, [], monitor=None)
-            checkpoint.save_from_rank(trainer, last, self.save_weights_only, commit)
+            checkpointing.save_from_rank(trainer, last, self.save_weights_only, commit)
 
     def _committer(
         self,

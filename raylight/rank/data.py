@@ -6,7 +6,7 @@ import copy
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import (
@@ -23,6 +23,9 @@ from raylight.datamodule import LightningDataModule
 from raylight.module import LightningModule
 from raylight.rank import hooks
 from raylight.shared.config import MisconfigurationException
+
+if TYPE_CHECKING:  # a type only: rank_trainer imports this module
+    from raylight.rank.rank_trainer import RankTrainer
 
 
 class ContiguousSampler(Sampler[int]):
@@ -196,7 +199,7 @@ def is_overridden(obj: Any, name: str) -> bool:
     return getattr(type(obj), name, None) is not getattr(base, name)
 
 
-def has_source(trainer: Any, kind: str) -> bool:
+def has_source(trainer: RankTrainer, kind: str) -> bool:
     """Whether ``kind`` loaders exist, without calling the hook (Lightning asks it late)."""
     hook = _HOOKS[kind]
     return (
@@ -206,7 +209,7 @@ def has_source(trainer: Any, kind: str) -> bool:
     )
 
 
-def request_loaders(trainer: Any, kind: str) -> tuple[list[Any], list[int | float]]:
+def request_loaders(trainer: RankTrainer, kind: str) -> tuple[list[Any], list[int | float]]:
     """Ask for ``kind`` loaders as Lightning does: given ones, else the datamodule's, else the
     module's hook. Returns the distributed loaders and how many batches each loop runs."""
     loaders = trainer._loader_sources.get(kind)

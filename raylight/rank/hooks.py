@@ -10,13 +10,16 @@ parameter checks would otherwise be a visible share of a small model's step time
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raylight.callbacks.callback import Callback
 from raylight.module import LightningModule
 
+if TYPE_CHECKING:  # a type only: rank_trainer imports this module
+    from raylight.rank.rank_trainer import RankTrainer
 
-def call(trainer: Any, hook: str, *args: Any, part: str = "all") -> Any:
+
+def call(trainer: RankTrainer, hook: str, *args: Any, part: str = "all") -> Any:
     """Run ``hook`` on each callback (as ``hook(trainer, module, *args)``), then on the module.
 
     ``part`` splits an epoch-end hook around the metrics update between them, as Lightning
@@ -47,7 +50,7 @@ def call(trainer: Any, hook: str, *args: Any, part: str = "all") -> Any:
         trainer._current_hook = previous_hook
 
 
-def _targets(trainer: Any, hook: str, part: str) -> list[Any]:
+def _targets(trainer: RankTrainer, hook: str, part: str) -> list[Any]:
     """The callbacks and module that override ``hook``, in call order (cached per trainer)."""
     key = (hook, part)
     cache = trainer._hook_targets
@@ -69,7 +72,7 @@ def _overrides(obj: Any, base: type, hook: str) -> bool:
     return in_instance or getattr(type(obj), hook, None) is not getattr(base, hook, None)
 
 
-def call_module(trainer: Any, hook: str, *args: Any, **kwargs: Any) -> Any:
+def call_module(trainer: RankTrainer, hook: str, *args: Any, **kwargs: Any) -> Any:
     """Run a hook that only the LightningModule defines (steps, optimizer and transfer hooks)."""
     module = trainer.lightning_module
     previous_fx, previous_hook = module._current_fx_name, trainer._current_hook
@@ -85,7 +88,7 @@ def call_module(trainer: Any, hook: str, *args: Any, **kwargs: Any) -> Any:
         trainer._current_hook = previous_hook
 
 
-def call_callbacks(trainer: Any, hook: str, *args: Any) -> None:
+def call_callbacks(trainer: RankTrainer, hook: str, *args: Any) -> None:
     """Run a hook that only callbacks define (``on_sanity_check_start``, ``on_exception``)."""
     module = trainer.lightning_module
     previous_hook = trainer._current_hook
@@ -100,7 +103,7 @@ def call_callbacks(trainer: Any, hook: str, *args: Any) -> None:
         trainer._current_hook = previous_hook
 
 
-def call_datamodule(trainer: Any, hook: str, *args: Any) -> Any:
+def call_datamodule(trainer: RankTrainer, hook: str, *args: Any) -> Any:
     datamodule = trainer.datamodule
     if datamodule is None:
         return None

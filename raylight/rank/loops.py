@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from raylight.module import LightningModule, move_data_to_device
-from raylight.rank import hooks
+from raylight.rank import checkpointing, hooks
 from raylight.rank.data import (
     epoch_order,
     has_source,
@@ -34,7 +34,7 @@ from raylight.rank.data import (
 from raylight.rank.logging import MetricLog, to_floats
 from raylight.rank.rank_trainer import RankTrainer
 from raylight.seed import restore_rng
-from raylight.shared import checkpoint, checkpoint_index, storage
+from raylight.shared import checkpoint_index, storage
 from raylight.shared.config import MisconfigurationException
 
 
@@ -260,7 +260,9 @@ def _save_and_stop(trainer: RankTrainer) -> None:
     def commit() -> None:
         checkpoint_index.update_index(root, entry, [])
 
-    checkpoint.save_from_rank(trainer, path, on_commit=commit if trainer.is_global_zero else None)
+    checkpointing.save_from_rank(
+        trainer, path, on_commit=commit if trainer.is_global_zero else None
+    )
     trainer._writer.wait()
     trainer._stopped_at = path
 

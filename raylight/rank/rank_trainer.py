@@ -17,10 +17,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.parallel.distributed import _find_tensors
 
 from raylight.rank import hooks
+from raylight.rank.checkpointing import AsyncWriter, save_from_rank
 from raylight.rank.data import request_loaders
 from raylight.rank.logging import MetricLog
 from raylight.rank.watchdog import NO_WATCH
-from raylight.shared.checkpoint import AsyncWriter, save_from_rank
 from raylight.shared.config import NO_TRAIN_LOADER, MisconfigurationException, TrainerConfig
 
 _REDUCE_OPS = {

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from raylight.module import LightningModule
-from raylight.rank import hooks, loops
+from raylight.rank import checkpointing, hooks, loops
 from raylight.rank.data import request_loaders
 from raylight.rank.optim import LightningOptimizer, parse_optimizers
 from raylight.rank.poster import Poster
@@ -32,7 +32,7 @@ from raylight.rank.preemption import StopCheck
 from raylight.rank.rank_trainer import RankTrainer
 from raylight.rank.watchdog import StallWatch
 from raylight.seed import restore_rng
-from raylight.shared import checkpoint, shipping, storage
+from raylight.shared import shipping, storage
 from raylight.shared.config import MisconfigurationException, TrainerConfig
 
 
@@ -235,7 +235,7 @@ class Worker:
             )
             self._configure_optimizers(trainer)
         if job.get("ckpt_path"):
-            checkpoint.restore(trainer, job["ckpt_path"], stage)
+            checkpointing.restore(trainer, job["ckpt_path"], stage)
         return trainer._take_notices()
 
     def _prepare_data(self, trainer: RankTrainer) -> None:

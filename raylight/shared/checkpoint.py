@@ -1,84 +1,27 @@
-"""The Lightning-compatible ``.ckpt`` format: build it on a rank, save it, restore it.
+"""The Lightning-compatible ``.ckpt`` format: its keys, reading and writing it.
 
 The dict has Lightning 2.x's keys (``epoch``, ``global_step``, ``state_dict``,
 ``optimizer_states``, ``lr_schedulers``, ``callbacks``, ``hyper_parameters``, ...),
 so ``pytorch_lightning`` can read what raylight writes. raylight's own position data
 lives under the ``raylight`` key; a Lightning-shaped ``loops`` entry carries the same
 position for pytorch-lightning readers.
+
+Pure data and storage: this module imports only torch and ``storage``, so that
+``LightningModule.load_from_checkpoint`` can use it without the engine. Building a
+checkpoint from a rank's state and restoring one into it is ``rank/checkpointing.py``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import errno
 import io
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from raylight.rank import hooks
-from raylight.rank.data import sampler_order_args
-from raylight.seed import capture_rng
 from raylight.shared import storage
 
 LIGHTNING_VERSION = "2.6.0"  # the format version pytorch-lightning readers check
 RAYLIGHT_VERSION = "0.1.0"
-
-
-def build(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
-    module = trainer.lightning_module
-    epoch_done = trainer._epoch_batches_done
-    next_epoch = trainer.current_epoch + int(epoch_done)
-    batches_done = 0 if epoch_done else trainer._batches_done_at_step
-    checkpoint: dict[str, Any] = {
-        "epoch": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "pytorch-lightning_version": LIGHTNING_VERSION,
-        "raylight_version": RAYLIGHT_VERSION,
-        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-        # Where to resume: raylight's own position, exact to the batch.
-        "raylight": {
-            "next_epoch": next_epoch,
-            "batches_done": batches_done,
-            "batches_that_stepped": trainer._batches_that_stepped,
-            "world_size": trainer.world_size,
-            "rng_states": _gather_rng(trainer),
-        },
-        "loops": lightning_loops(
-            next_epoch,
-            batches_done,
-            trainer.num_training_batches,
-            trainer._batches_that_stepped,
-            trainer.global_step,
-        ),
-    }
-    if batches_done:
-        # Enough to rebuild this epoch's order at another world size (elastic resume).
-        position = checkpoint["raylight"]
-        position["sampler"] = sampler_order_args(trainer.train_dataloader)
-        if trainer._epoch_order is not None:  # already re-partitioned: its own order
-            position["epoch_order"] = torch.tensor(trainer._epoch_order)
-    if not weights_only:
-        # As Lightning: only callbacks that have state get an entry.
-        states = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
-        checkpoint["callbacks"] = {key: state for key, state in states.items() if state}
-        checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
-        scaler = trainer.precision_plugin.scaler
-        if scaler is not None:  # Lightning's key for the AMP plugin's state
-            checkpoint["MixedPrecision"] = scaler.state_dict()
-        checkpoint["lr_schedulers"] = [
-            c.scheduler.state_dict() for c in trainer.lr_scheduler_configs
-        ]
-        hooks.call(trainer, "on_save_checkpoint", checkpoint)
-    if module.hparams:
-        checkpoint["hparams_name"] = module._hparams_name
-        checkpoint["hyper_parameters"] = dict(module.hparams)
-    if trainer.datamodule is not None:
-        checkpoint[type(trainer.datamodule).__qualname__] = trainer.datamodule.state_dict()
-    return checkpoint
 
 
 def _progress(value: int, *, completed: int | None = None, fields: int = 4) -> dict[str, int]:
@@ -160,121 +103,12 @@ def position_from_loops(checkpoint: dict[str, Any]) -> dict[str, int]:
     return {"next_epoch": max(started - 1, 0), "batches_done": done}
 
 
-def _gather_rng(trainer: Any) -> list[dict[str, Any]]:
-    """Every rank's generator states (a collective: all ranks build every checkpoint)."""
-    states = capture_rng()
-    if trainer.world_size == 1 or not dist.is_initialized():
-        return [states]
-    gathered: list[Any] = [None] * trainer.world_size
-    dist.all_gather_object(gathered, states)
-    return gathered
-
-
 def save(checkpoint: dict[str, Any], filepath: str) -> None:
     """Write atomically to a local path or storage URI: a reader sees the old file or the
     whole new one, never a part."""
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     storage.write_bytes(filepath, buffer.getvalue())
-
-
-def save_from_rank(
-    trainer: Any,
-    filepath: str,
-    weights_only: bool = False,
-    on_commit: Callable[[], None] | None = None,
-) -> None:
-    """Every rank builds (hooks may run collectives); rank 0 serializes and hands the bytes
-    to its background writer, so the loop stalls only for the copy, not for the upload.
-    ``on_commit`` runs once the file is complete in storage."""
-    checkpoint = build(trainer, weights_only)
-    if trainer.is_global_zero:
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)  # the copy: training may change the tensors after this
-        trainer._writer.submit(filepath, buffer.getvalue(), on_commit)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# Errors that a retry cannot mend: the disk or quota is full, the location is read-only or
-# refused. Transient ones (a dropped connection, a throttled object store) are retried.
-_PERMANENT_ERRNOS = {
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EROFS,
-    errno.EACCES,
-    errno.EPERM,
-    errno.EFBIG,
-}
-
-
-class AsyncWriter:
-    """Uploads checkpoints one at a time off the training loop, with retries.
-
-    A failed upload is retried unless the error is permanent (a full disk, say). Once one
-    fails for good, ``raise_if_failed`` raises it at the loop's next batch, so the fit stops
-    there instead of training on with nowhere to save; ``wait`` (the end of fit) raises it
-    too. Uploads stay in submission order, so the index follows commits.
-    """
-
-    def __init__(self, attempts: int = 3, backoff_s: float = 1.0) -> None:
-        self._attempts, self._backoff_s = attempts, backoff_s
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "raylight-checkpoint")
-        self._pending: list[concurrent.futures.Future[None]] = []
-        self._failure: BaseException | None = None  # set on the writer thread, read per batch
-
-    def submit(self, location: str, data: bytes, on_commit: Callable[[], None] | None) -> None:
-        self._raise_failures(wait_s=0)
-        self._pending.append(self._executor.submit(self._write, location, data, on_commit))
-
-    def after(self, action: Callable[[], None]) -> None:
-        """Run ``action`` on the writer thread once every earlier upload has committed."""
-        self._pending.append(self._executor.submit(self._guarded, action))
-
-    def wait(self, timeout_s: float = 600.0) -> None:
-        """Block until every upload is committed; raise the first failure."""
-        self._raise_failures(wait_s=timeout_s)
-
-    def raise_if_failed(self) -> None:
-        """Raise the first upload that failed for good (cheap: called between batches)."""
-        if self._failure is not None:
-            self._raise_failures(wait_s=0)
-
-    def _write(self, location: str, data: bytes, on_commit: Callable[[], None] | None) -> None:
-        for attempt in range(self._attempts):
-            try:
-                storage.write_bytes(location, data)
-                break
-            except OSError as error:
-                if attempt + 1 == self._attempts or error.errno in _PERMANENT_ERRNOS:
-                    tries = f"after {attempt + 1} attempts" if attempt else "at once"
-                    self._failure = OSError(
-                        error.errno,
-                        f"checkpoint upload to {storage.redact(location)} failed {tries}: "
-                        f"{storage.redact(str(error))}. The checkpoints committed before it "
-                        "and the run's index are intact",
-                    )
-                    raise self._failure from None
-                time.sleep(self._backoff_s * 2**attempt)
-        if on_commit is not None:
-            self._guarded(on_commit)
-
-    def _guarded(self, action: Callable[[], None]) -> None:
-        try:
-            action()
-        except BaseException as error:
-            self._failure = error
-            raise
-
-    def _raise_failures(self, wait_s: float) -> None:
-        done, not_done = concurrent.futures.wait(self._pending, timeout=wait_s)
-        if wait_s and not_done:
-            raise TimeoutError(
-                f"{len(not_done)} checkpoint upload(s) did not finish within {wait_s:.0f} s."
-            )
-        self._pending = list(not_done)
-        for future in done:
-            future.result()  # re-raises the upload's error here, on the training thread
 
 
 def load(filepath: str) -> dict[str, Any]:
@@ -305,54 +139,3 @@ def load_weights(module: Any, state_dict: dict[str, Any], filepath: str, strict:
             f"{sorted(theirs - ours)[:10]} ({error}). It is from another model; set "
             "`self.strict_loading = False` on the module to load only what matches."
         ) from error
-
-
-def restore(trainer: Any, filepath: str, stage: str) -> None:
-    """Lightning's order: weights, ``on_load_checkpoint``, callbacks, optimizers, progress."""
-    checkpoint = load(filepath)
-    module = trainer.lightning_module
-    # Lightning's order: the module's hook may rewrite the checkpoint before the weights load.
-    hooks.call_module(trainer, "on_load_checkpoint", checkpoint)
-    load_weights(module, checkpoint["state_dict"], filepath, module.strict_loading)
-    datamodule = trainer.datamodule
-    if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
-        datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
-    if stage != "fit":
-        return
-    hooks.call_callbacks(trainer, "on_load_checkpoint", checkpoint)
-    states = checkpoint.get("callbacks", {})
-    for callback in trainer.callbacks:
-        if callback.state_key in states:
-            callback.load_state_dict(states[callback.state_key])
-    for optimizer, state in zip(
-        trainer.optimizers, checkpoint.get("optimizer_states", []), strict=False
-    ):
-        optimizer.load_state_dict(state)
-    for config, state in zip(
-        trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", []), strict=False
-    ):
-        config.scheduler.load_state_dict(state)
-    # A checkpoint from pytorch-lightning has no "raylight" entry: its "loops" progress
-    # gives the position (without generator states, so exact only in sample order).
-    position = checkpoint.get("raylight") or position_from_loops(checkpoint)
-    scaler = trainer.precision_plugin.scaler
-    if scaler is not None and "MixedPrecision" in checkpoint:
-        scaler.load_state_dict(checkpoint["MixedPrecision"])
-    trainer.global_step = checkpoint["global_step"]
-    trainer.current_epoch = position["next_epoch"]
-    batches_done = position.get("batches_done", 0)
-    saved_world = position.get("world_size", trainer.world_size)
-    order = position.get("epoch_order")
-    if batches_done and (saved_world != trainer.world_size or order is not None):
-        trainer._resume_plan = {
-            "order": order.tolist() if order is not None else None,
-            "order_args": position.get("sampler"),
-            "world_size": saved_world,
-            "batches_done": batches_done,
-        }
-    else:
-        trainer._resume_batches = batches_done
-    rng_states = position.get("rng_states") or []
-    if len(rng_states) == trainer.world_size:  # exact only at the same world size
-        trainer._resume_rng = rng_states[trainer.global_rank]
-    trainer._batches_that_stepped = position.get("batches_that_stepped", checkpoint["global_step"])
