@@ -1,4 +1,5 @@
-"""Trainer: the public face on the driver. It checks flags, drives epochs, collects metrics.
+"""Trainer: the public face on the driver. It holds the flags, Lightning's methods and the
+results; ``driver.controller`` runs each fit, and ``driver.group`` talks to the workers.
 
 The driver never touches training tensors during a run: it ships the module,
 datamodule and callbacks to the workers once per call, asks every rank to run one
@@ -9,11 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-import threading
-import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -21,22 +18,30 @@ from typing import Any
 
 import ray
 import torch
-from ray import cloudpickle
 
 from raylight.callbacks import Callback, ModelCheckpoint, ModelSummary
 from raylight.datamodule import LightningDataModule
 from raylight.driver import connect, sharing
-from raylight.driver.controller import Controller
 from raylight.driver.display import ProgressDisplay
+from raylight.driver.fit import in_tune_trial, run_fit
 from raylight.driver.group import WorkerGroup
-from raylight.loggers import CSVLogger, Logger, TensorBoardLogger
-from raylight.loggers.tensorboard import tensorboard_available
+from raylight.driver.inputs import (
+    add_default_checkpoint,
+    add_recovery_checkpoint,
+    check_fit_inputs,
+    folder_of,
+    global_seed,
+    print_results,
+    put_checked,
+    resolve_ckpt_path,
+    resolve_loggers,
+)
+from raylight.loggers import Logger
 from raylight.module import LightningModule
 from raylight.seed import capture_rng
-from raylight.shared import checkpoint_index, storage
+from raylight.shared import storage
 from raylight.shared.board import RunBoard
 from raylight.shared.config import (
-    NO_TRAIN_LOADER,
     MisconfigurationException,
     check_run_flags,
     make_config,
@@ -94,7 +99,7 @@ class Trainer:
         recovery_train_time_interval: timedelta | None = None,
         ray_init_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if default_root_dir is None and _in_tune_trial():
+        if default_root_dir is None and in_tune_trial():
             from raylight import tune
 
             default_root_dir = tune.trial_root()  # Tune's storage holds the trial's files
@@ -153,7 +158,7 @@ class Trainer:
             isinstance(cb, ModelSummary) for cb in self.callbacks
         ):
             self.callbacks.append(ModelSummary())  # Lightning's default; the driver prints it
-        _add_default_checkpoint(self.callbacks, self.enable_checkpointing)
+        add_default_checkpoint(self.callbacks, self.enable_checkpointing)
         check_run_flags(
             placement_timeout_s,
             elastic_check_interval,
@@ -164,21 +169,20 @@ class Trainer:
         )
         self.max_failures = max_failures
         self.elastic_check_interval = elastic_check_interval
-        _add_recovery_checkpoint(
+        add_recovery_checkpoint(
             self.callbacks,
             storage.join(self.config.default_root_dir, "recovery"),
             max_failures,
             recovery_every_n_train_steps,
             recovery_train_time_interval,
         )
-        self.loggers = _resolve_loggers(logger, self.config.default_root_dir)
+        self.loggers = resolve_loggers(logger, self.config.default_root_dir)
         self.placement_timeout_s = placement_timeout_s
         # Entry point: the environment is read here and nowhere deeper.
         self._ray_address = os.environ.get("RAY_ADDRESS")
         self._ray_init_kwargs = dict(ray_init_kwargs or {})
         self._group: WorkerGroup | None = None
         self._last_stage: str | None = None
-        self._fit_start_step: int | None = None
         self._expected_size = 0  # elastic: the size the next group should try first
         self._removed_pgs: list[Any] = []  # placement groups whose removal may not have held
         self._version_warnings: set[str] = set()  # package mismatches already reported
@@ -188,9 +192,7 @@ class Trainer:
         self._released = False  # a fit's workers were stopped for another Trainer's sake
         self.ckpt_path: str | None = None  # the checkpoint the latest call started from
         self._display = ProgressDisplay(self.enable_progress_bar)
-        self._signalled: int | None = None  # the signal that asked this fit to stop
         self._in_tune = False  # this fit runs inside a Ray Tune trial
-        self._tune_checkpoint_time = 0.0  # the commit time of the newest checkpoint Tune has
         self.lightning_module: LightningModule | None = None
         self.datamodule: LightningDataModule | None = None
         self.current_epoch = 0
@@ -241,7 +243,7 @@ class Trainer:
         """Train ``model`` on the workers; afterwards ``model`` holds the trained weights."""
         if isinstance(train_dataloaders, LightningDataModule):
             datamodule, train_dataloaders = train_dataloaders, None
-        _check_fit_inputs(model, train_dataloaders, datamodule)
+        check_fit_inputs(model, train_dataloaders, datamodule)
         ckpt_path = self.ckpt_path = self._resolve_ckpt_path(ckpt_path, "fit")
         if ckpt_path is None and self._nothing_to_fit():
             return
@@ -252,7 +254,7 @@ class Trainer:
             if model.hparams and model._log_hyperparams:
                 for logger in self.loggers:
                     logger.log_hyperparams(dict(model.hparams))
-            final = self._fit_with_recovery(model, datamodule, loaders, ckpt_path)
+            final = run_fit(self, model, datamodule, loaders, ckpt_path)
         model.load_state_dict(final["state_dict"])
         for callback, trained in zip(self.callbacks, final["callbacks"], strict=True):
             callback.__dict__.update(trained.__dict__)
@@ -278,191 +280,6 @@ class Trainer:
             yield
         finally:
             self._busy = False
-
-    def _fit_with_recovery(
-        self,
-        model: LightningModule,
-        datamodule: Any,
-        loaders: dict[str, Any],
-        ckpt_path: str | None,
-    ) -> dict[str, Any]:
-        """Run the fit; after a system failure, start a new group from the run's latest
-        committed checkpoint, as often as ``max_failures`` allows."""
-        controller = Controller(self.max_failures)
-        self.config.run_id = uuid.uuid4().hex  # tags this fit's entries in the checkpoint index
-        self._connect()  # before our signal handlers: ray.init installs its own
-        self._in_tune = _in_tune_trial()
-        given: contextlib.AbstractContextManager[str | None] = contextlib.nullcontext(ckpt_path)
-        if self._in_tune and ckpt_path is None:
-            from raylight import tune
-
-            # PBT's exploit, or a restarted trial: held under default_root_dir during the fit.
-            given = tune.checkpoint_from_tune(self.config.default_root_dir)
-        self._display = ProgressDisplay(self.enable_progress_bar)
-        with given as ckpt_path, self._stop_on_signals(), contextlib.closing(self._display):
-            resume, first_step = ckpt_path, None
-            while True:
-                try:
-                    return self._fit_attempt(model, datamodule, loaders, resume)
-                except _Regroup as regroup:  # elastic growth: not a failure
-                    self.shutdown()
-                    resume, self._expected_size = regroup.checkpoint, regroup.size
-                except BaseException as error:
-                    self.shutdown(force=True)  # no rank may outlive a failed attempt
-                    controller.failed(error)  # re-raises what must not be retried
-                    first_step = self._fit_start_step if first_step is None else first_step
-                    resume, step = self._recovery_point(ckpt_path, first_step)
-                    for logger in self.loggers:  # rows the resumed run will log again
-                        if hasattr(logger, "drop_rows_from"):
-                            logger.drop_rows_from(step)
-                    warnings.warn(
-                        f"failure {len(controller.failures)} of the run "
-                        f"({controller.failures[-1]}); restarting the workers from "
-                        f"{storage.redact(resume) if resume else 'the start'} (global step {step}).",
-                        stacklevel=3,
-                    )
-
-    def _fit_attempt(
-        self,
-        model: LightningModule,
-        datamodule: Any,
-        loaders: dict[str, Any],
-        ckpt_path: str | None,
-    ) -> dict[str, Any]:
-        self._fit_start_step = None
-        group = self._prepare(model, datamodule, "fit", loaders, ckpt_path)
-        self.should_stop = False
-        sanity_check = self.config.num_sanity_val_steps != 0 and not ckpt_path
-        self._absorb(group.run_on_all("fit_start", sanity_check)[0])
-        self._fit_start_step = self.global_step
-        epoch = self.current_epoch
-        checked = time.monotonic()
-        while not self._fit_done(epoch):
-            summary = group.run_on_all(
-                "train_epoch", epoch, what=f"epoch {epoch}", on_tick=self._show_progress
-            )[0]
-            self._absorb(summary)
-            if summary["stopped_at"]:
-                self._after_clean_stop(summary["stopped_at"])
-            self._report_epoch(summary)
-            if self._in_tune:
-                self._report_to_tune(summary)
-            epoch += 1
-            self.current_epoch = epoch  # Lightning counts completed epochs once one ends
-            if time.monotonic() - checked >= self.elastic_check_interval:
-                checked = time.monotonic()
-                self._grow_if_possible(group)
-        return group.run_on_all("fit_end", what="fit end")[0]
-
-    def _report_to_tune(self, summary: dict[str, Any]) -> None:
-        """One report per validation run of the epoch, in order (per epoch end in a fit
-        without validation): the metrics logged by then, ``epoch`` and ``step``, and the
-        newest checkpoint committed by then if Tune has not had it or a newer one yet
-        (schedulers such as PBT restore trials from it)."""
-        from raylight import tune
-
-        points = summary["validations"]
-        if not points and not summary["validation_enabled"]:
-            points = [summary]
-        if points:
-            self._writer_flush()
-        root = self.config.default_root_dir
-        for point in points:
-            metrics = {**point["callback_metrics"], "epoch": point["epoch"]}
-            metrics["step"] = point["global_step"]
-            entry = checkpoint_index.latest_of_run(root, self.config.run_id, point["global_step"])
-            fresh = entry is not None and entry["time"] > self._tune_checkpoint_time
-            if fresh:
-                self._tune_checkpoint_time = entry["time"]
-            tune.report(metrics, entry["path"] if fresh else None, root)
-
-    def _writer_flush(self) -> None:
-        """Wait until rank 0's checkpoints are committed, so the index names them."""
-        if self._group is not None and self._group.actors:
-            self._group.run_on_ranks([0], "flush_checkpoints", timeout_s=600, what="checkpoint")
-
-    def _after_clean_stop(self, path: str) -> None:
-        """The ranks stopped at a batch and saved ``path``: exit when the driver was
-        signalled, else (a worker's node was being preempted) go on from there."""
-        self.shutdown()
-        if self._signalled is None:
-            warnings.warn(
-                f"a worker was asked to stop (SIGTERM on its node); the run saved "
-                f"{storage.redact(path)} and continues from it on a new group.",
-                stacklevel=4,
-            )
-            raise _Regroup(path, 0)
-        name = signal.Signals(self._signalled).name
-        print(
-            f"{name}: saved {storage.redact(path)} at global step {self.global_step}; resume with "
-            'trainer.fit(..., ckpt_path="last").',
-            file=sys.stderr,
-            flush=True,
-        )
-        raise SystemExit(1)  # as Lightning after a graceful shutdown
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
-        """SIGINT/SIGTERM during fit ask the ranks to stop at an agreed batch and save a
-        checkpoint; a second signal stops at once."""
-        self._signalled = None
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers belong to the main thread
-            return
-
-        def on_signal(signum: int, frame: Any) -> None:
-            if self._signalled is not None or self._board is None:
-                raise KeyboardInterrupt
-            self._signalled = signum
-            self._board.set.remote()
-            print(
-                f"{signal.Signals(signum).name}: stopping at the next agreed batch and saving "
-                "a checkpoint (signal again to stop at once).",
-                file=sys.stderr,
-                flush=True,
-            )
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _grow_if_possible(self, group: WorkerGroup) -> None:
-        """At an epoch boundary: when resources for more workers have returned, checkpoint
-        and restart the group bigger (within the elastic max)."""
-        if not self.scaling.elastic or self._fit_done(self.current_epoch):
-            return
-        target = group.could_grow_to()
-        if target <= group.size:
-            return
-        root = self.config.default_root_dir
-        path = storage.join(root, "recovery", f"resize-epoch={self.current_epoch}.ckpt")
-        group.run_on_all("save_checkpoint", path, False, what="resize checkpoint")
-        entry = checkpoint_index.index_entry(
-            path,
-            epoch=self.current_epoch,
-            global_step=self.global_step,
-            run_id=self.config.run_id,
-        )
-        checkpoint_index.update_index(root, entry, [])
-        warnings.warn(
-            f"resources for {target} workers are free (running {group.size}): restarting the "
-            f"group bigger from {storage.redact(path)}.",
-            stacklevel=4,
-        )
-        raise _Regroup(path, target)
-
-    def _recovery_point(
-        self, ckpt_path: str | None, first_step: int | None
-    ) -> tuple[str | None, int]:
-        """The latest full checkpoint this fit committed, with its global step; else where
-        the fit started (``ckpt_path`` or the beginning)."""
-        entry = checkpoint_index.latest_of_run(self.config.default_root_dir, self.config.run_id)
-        if entry is not None:
-            return entry["path"], entry["global_step"]
-        return ckpt_path, first_step or 0
 
     def validate(
         self,
@@ -497,7 +314,7 @@ class Trainer:
         ckpt_path = self.ckpt_path = self._resolve_ckpt_path(ckpt_path, "predict")
         with self._in_call():
             group = self._prepare(model, datamodule, "predict", {"predict": dataloaders}, ckpt_path)
-            per_rank = group.run_on_all("predict", what="predict")
+            per_rank = group.predict()
         merged = [sum((rank[i] for rank in per_rank), []) for i in range(len(per_rank[0]))]
         if not return_predictions:
             return None
@@ -518,8 +335,8 @@ class Trainer:
             )
         path = storage.absolute(os.fspath(filepath))
         with self._in_call():
-            self._group.share_local_storage(self.config.default_root_dir, [_folder_of(path)], [])
-            self._group.run_on_all("save_checkpoint", path, weights_only, what="save_checkpoint")
+            self._group.share_local_storage(self.config.default_root_dir, [folder_of(path)], [])
+            self._group.save_checkpoint(path, weights_only, what="save_checkpoint")
 
     def shutdown(self, force: bool = False) -> None:
         """Stop the workers. The Trainer does this itself when it is garbage-collected."""
@@ -583,40 +400,9 @@ class Trainer:
 
     # ---- internals ---------------------------------------------------------------------------
     def _resolve_ckpt_path(self, ckpt_path: Any, fn: str) -> str | None:
-        """Lightning's "last" and "best", also from a new driver: they come from this run's
-        callbacks if they saved anything, else from the checkpoint index in storage."""
-        if ckpt_path not in ("last", "best"):
-            if not ckpt_path:
-                return None
-            return storage.absolute(os.fspath(ckpt_path))
-        root = self.config.default_root_dir
-        callback = self.checkpoint_callback
-        if ckpt_path == "best":
-            if callback is None:
-                raise MisconfigurationException(
-                    f'.{fn}(ckpt_path="best") is set but `ModelCheckpoint` is not configured.'
-                )
-            path = callback.best_model_path or (
-                checkpoint_index.best_in_index(root, callback.monitor, callback.mode)
-                if callback.monitor
-                else checkpoint_index.latest_in_index(root)
-            )
-            if not path:
-                raise MisconfigurationException(
-                    f'.{fn}(ckpt_path="best") is set but `ModelCheckpoint` has not saved any '
-                    f"checkpoints yet, here or under {storage.redact(root)}."
-                )
-            return path
-        paths = [cb.last_model_path or cb.best_model_path for cb in self.checkpoint_callbacks]
-        path = next((p for p in paths if p), None) or checkpoint_index.latest_in_index(root)
-        if path is None:
-            warnings.warn(
-                f'.{fn}(ckpt_path="last") is set, but there is no last checkpoint under '
-                f"{storage.redact(root)}. No checkpoint will be loaded.",
-                UserWarning,
-                stacklevel=3,
-            )
-        return path
+        return resolve_ckpt_path(
+            ckpt_path, fn, self.config.default_root_dir, self.checkpoint_callbacks
+        )
 
     def _evaluate(
         self,
@@ -632,10 +418,10 @@ class Trainer:
         ckpt_path = self.ckpt_path = self._resolve_ckpt_path(ckpt_path, stage)
         with self._in_call(), self._logging_run():
             group = self._prepare(model, datamodule, stage, loaders, ckpt_path)
-            results = group.run_on_all("evaluate", stage, what=stage)[0]
-            self._absorb(group.run_on_ranks([0], "metrics")[0], progress=False)
+            results = group.evaluate(stage)
+            self._absorb(group.metrics(), progress=False)
         if verbose and self.enable_progress_bar:
-            _print_results(stage, results)
+            print_results(stage, results)
         return results
 
     def _resolve_eval_inputs(
@@ -687,7 +473,7 @@ class Trainer:
                 "at the same path, or s3://..., gs://...).",
                 stacklevel=3,
             )
-        self.config.global_seed = _global_seed()
+        self.config.global_seed = global_seed()
         fitting = stage == "fit"
         job = {
             "stage": stage,
@@ -703,8 +489,8 @@ class Trainer:
             "stop_flag": self._board if fitting else None,
             "progress_board": self._board if fitting and self.enable_progress_bar else None,
         }
-        job_ref = _put_checked(job)
-        self._warn_notices(group.run_on_all("setup", job_ref, what=f"{stage} setup")[0])
+        job_ref = put_checked(job)
+        self._warn_notices(group.setup(job_ref, stage))
         return group
 
     def _ensure_group(self) -> WorkerGroup:
@@ -746,14 +532,6 @@ class Trainer:
         needed = self.scaling.num_workers * self.scaling.bundle().get("CPU", 1.0)
         connect.connect(self._ray_address, self._ray_init_kwargs, needed, self._warned)
 
-    def _fit_done(self, epoch: int) -> bool:
-        config = self.config
-        if config.max_steps != -1 and self.global_step >= config.max_steps:
-            return True
-        if epoch >= config.max_epochs or self._num_training_batches == 0:
-            return True  # Lightning skips fit when there is nothing to train on
-        return self.should_stop and epoch >= config.min_epochs
-
     def _absorb(self, summary: dict[str, Any], progress: bool = True) -> None:
         """Take in a rank-0 summary; ``progress`` is False for validate/test, which leave the
         fit's epoch and step as they are."""
@@ -776,175 +554,3 @@ class Trainer:
             if notice not in self._warned:
                 self._warned.add(notice)
                 warnings.warn(notice, UserWarning, stacklevel=4)
-
-    def _report_epoch(self, summary: dict[str, Any]) -> None:
-        self._display.end_epoch(summary)
-
-    def _show_progress(self) -> None:
-        if self._board is None or not self._display.enabled:
-            return
-        try:
-            latest = ray.get(self._board.latest.remote(), timeout=2)
-        except ray.exceptions.GetTimeoutError:
-            return  # the bar waits for the next tick
-        self._display.show(latest)
-
-
-def _in_tune_trial() -> bool:
-    if "ray.tune" not in sys.modules:  # a trial's process has imported Tune long before
-        return False
-    from raylight import tune
-
-    return tune.in_trial()
-
-
-class _Regroup(Exception):  # noqa: N818 - a signal inside the fit loop, not an error
-    def __init__(self, checkpoint: str, size: int) -> None:
-        super().__init__(checkpoint)
-        self.checkpoint, self.size = checkpoint, size
-
-
-# ---- checks -------------------------------------------------------------------------------------
-def _check_fit_inputs(model: Any, train_dataloaders: Any, datamodule: Any) -> None:
-    if not isinstance(model, LightningModule):
-        raise MisconfigurationException(
-            f"trainer.fit() got a {type(model).__name__}: it takes a raylight.LightningModule."
-        )
-    if datamodule is not None and not isinstance(datamodule, LightningDataModule):
-        raise MisconfigurationException(
-            f"trainer.fit(datamodule=...) got a {type(datamodule).__name__}: it takes a "
-            "raylight.LightningDataModule."
-        )
-    if type(model).training_step is LightningModule.training_step:
-        raise MisconfigurationException(
-            "No `training_step()` method defined. The Trainer expects as minimum a "
-            "`training_step()`, `train_dataloader()` and `configure_optimizers()` to be defined."
-        )
-    has_loader = (
-        train_dataloaders is not None
-        or (
-            datamodule is not None
-            and type(datamodule).train_dataloader is not LightningDataModule.train_dataloader
-        )
-        or type(model).train_dataloader is not LightningModule.train_dataloader
-    )
-    if not has_loader:
-        raise MisconfigurationException(NO_TRAIN_LOADER)
-
-
-def _add_default_checkpoint(callbacks: list[Callback], enabled: bool) -> None:
-    has_checkpoint = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
-    if has_checkpoint and not enabled:
-        raise MisconfigurationException(
-            "Trainer was configured with `enable_checkpointing=False` but found "
-            "`ModelCheckpoint` in callbacks list: remove it or enable checkpointing."
-        )
-    if enabled and not has_checkpoint:
-        callbacks.append(ModelCheckpoint())
-
-
-def _add_recovery_checkpoint(
-    callbacks: list[Callback],
-    dirpath: str,
-    max_failures: int,
-    every_n_train_steps: int | None,
-    train_time_interval: timedelta | None,
-) -> None:
-    """Fault tolerance needs periodic full checkpoints: when none are configured (or a
-    recovery interval is asked for), the run takes its own, apart from the user's top k."""
-    if max_failures == 0:
-        return
-    periodic = any(
-        isinstance(cb, ModelCheckpoint) and not cb.save_weights_only and cb.save_top_k != 0
-        for cb in callbacks
-    )
-    if periodic and every_n_train_steps is None and train_time_interval is None:
-        return
-    recovery = ModelCheckpoint(
-        dirpath=dirpath,
-        filename="recovery-{epoch}-{step}",
-        save_top_k=1,
-        every_n_train_steps=every_n_train_steps,
-        train_time_interval=train_time_interval,
-        save_on_train_epoch_end=True,
-    )
-    recovery._recovery = True  # kept out of checkpoint_callback(s) and out of "best"
-    callbacks.append(recovery)
-
-
-def _resolve_loggers(logger: Any, default_root_dir: str) -> list[Logger]:
-    """Lightning's rules: True/None gives the default logger, False none, else the given ones."""
-    if logger is None or logger is True:
-        if tensorboard_available():  # as Lightning: TensorBoard when installed, else CSV
-            return [TensorBoardLogger(save_dir=default_root_dir)]
-        return [CSVLogger(save_dir=default_root_dir)]
-    if logger is False:
-        return []
-    loggers = list(logger) if isinstance(logger, list | tuple) else [logger]
-    for item in loggers:
-        if not callable(getattr(item, "log_metrics", None)):
-            raise MisconfigurationException(
-                f"Trainer(logger=...) got a {type(item).__name__}: a logger needs log_metrics, "
-                "log_hyperparams and finalize (see raylight.loggers.Logger)."
-            )
-    return loggers
-
-
-def _folder_of(path: str) -> str:
-    return path.rpartition("/")[0] if storage.is_uri(path) else os.path.dirname(path)
-
-
-def _global_seed() -> int | None:
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    return int(seed) if seed is not None else None
-
-
-def _put_checked(job: dict[str, Any]) -> Any:
-    """Put the job in the object store once; name the attribute that cannot be pickled."""
-    try:
-        return ray.put(job)
-    except Exception as error:
-        for key in ("module", "datamodule", "callbacks", "loaders"):
-            path = _unpicklable_path(job[key], key)
-            if path is not None:
-                raise MisconfigurationException(
-                    f"{path} cannot be pickled, so it cannot be shipped to the Ray workers "
-                    f"({error}). Create it inside setup()/configure_model() instead of "
-                    "__init__, or drop it."
-                ) from error
-        raise
-
-
-def _unpicklable_path(obj: Any, path: str, depth: int = 0) -> str | None:
-    try:
-        cloudpickle.dumps(obj)
-        return None
-    except Exception:
-        pass
-    if depth > 4:
-        return f"{path} ({type(obj).__name__})"
-    children: list[tuple[str, Any]] = []
-    if isinstance(obj, dict):
-        children = [(f"{path}[{k!r}]", v) for k, v in obj.items()]
-    elif isinstance(obj, list | tuple):
-        children = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
-    elif hasattr(obj, "__dict__"):
-        state = obj.__getstate__() if hasattr(obj, "__getstate__") else vars(obj)
-        if isinstance(state, dict):
-            name = type(obj).__name__ if depth == 0 else path
-            if isinstance(obj, torch.nn.Module):
-                state = {k: v for k, v in state.items() if k != "_modules"} | dict(obj._modules)
-            children = [(f"{name}.{k}", v) for k, v in state.items()]
-    for child_path, child in children:
-        found = _unpicklable_path(child, child_path, depth + 1)
-        if found is not None:
-            return found
-    return f"{path} ({type(obj).__name__})"
-
-
-def _print_results(stage: str, results: list[dict[str, float]]) -> None:
-    for index, metrics in enumerate(results):
-        title = f"{stage} metrics" + (f" (dataloader {index})" if len(results) > 1 else "")
-        print(title, file=sys.stderr)
-        for name, value in sorted(metrics.items()):
-            print(f"  {name:<30} {value:.6g}", file=sys.stderr)

@@ -13,7 +13,8 @@ from models import Classifier, DataModule, loader
 from torch.utils.data import TensorDataset
 
 import raylight as pl
-from raylight.driver.group import ResourcesUnavailable, WorkerFailure, never_fits
+from raylight.driver.controller import WorkerFailure
+from raylight.driver.placement import ResourcesUnavailable, never_fits
 from raylight.shared.config import MisconfigurationException
 
 pytestmark = pytest.mark.slow
@@ -169,10 +170,10 @@ def test_a_request_is_hopeless_only_beyond_what_an_autoscaler_could_add():
 
 
 def test_the_tests_cluster_has_no_autoscaler_that_adds_nodes(ray_session):
-    from raylight.driver.group import _autoscaler_ceiling, _autoscaler_running
+    from raylight.driver.placement import autoscaler_ceiling, autoscaler_running
 
-    assert _autoscaler_ceiling() == {}
-    assert _autoscaler_running() is False
+    assert autoscaler_ceiling() == {}
+    assert autoscaler_running() is False
 
 
 @pytest.mark.parametrize(

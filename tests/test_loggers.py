@@ -11,7 +11,7 @@ from models import Classifier, loader
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import raylight as pl
-import raylight.trainer
+import raylight.driver.inputs
 from raylight.loggers import CSVLogger, TensorBoardLogger
 from raylight.shared import storage
 
@@ -128,7 +128,7 @@ def test_default_logger_is_tensorboard_when_installed_else_csv(tmp_path, monkeyp
     default = pl.Trainer(default_root_dir=tmp_path).logger
     assert isinstance(default, TensorBoardLogger)
     assert default.log_dir == str(tmp_path / "lightning_logs" / "version_0")
-    monkeypatch.setattr(raylight.trainer, "tensorboard_available", lambda: False)
+    monkeypatch.setattr(raylight.driver.inputs, "tensorboard_available", lambda: False)
     assert isinstance(pl.Trainer(default_root_dir=tmp_path, logger=True).logger, CSVLogger)
 
 

@@ -11,7 +11,7 @@ import ray
 from models import Classifier, loader
 
 import raylight as pl
-from raylight.driver.group import ResourcesUnavailable
+from raylight.driver.placement import ResourcesUnavailable
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 from models import Classifier, loader
 
 import raylight as pl
-from raylight.driver.group import StalledRank
+from raylight.driver.controller import StalledRank
 from raylight.rank import watchdog
 
 

@@ -22,136 +22,22 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
+from raylight.driver.controller import StalledRank, WorkerFailure, collective_broke
+from raylight.driver.placement import (
+    ResourcesUnavailable,
+    autoscaler_ceiling,
+    autoscaler_running,
+    describe_request,
+    fitting_workers,
+    format_resources,
+    never_fits,
+    rank_order,
+    release_leaked_bundles,
+)
 from raylight.rank import watchdog
 from raylight.rank.worker import Worker
 from raylight.shared import shipping, storage
 from raylight.shared.config import MisconfigurationException, Scaling
-
-
-class WorkerFailure(RuntimeError):
-    """A worker process or its node died (as opposed to user code raising)."""
-
-    def __init__(self, message: str, rank: int) -> None:
-        super().__init__(message)
-        self.rank = rank
-
-
-class StalledRank(WorkerFailure):
-    """A rank went past its bound without progress (``watchdog`` has the bounds)."""
-
-
-class ResourcesUnavailable(RuntimeError):
-    """The cluster cannot place the worker group."""
-
-
-def _format_resources(resources: dict[str, float]) -> str:
-    """Resources as a user asks for them: no node labels, memory pools or the per-placement-
-    group copies Ray keeps (``CPU_group_<id>``, ``bundle_group_<id>``)."""
-    shown = {
-        k: v
-        for k, v in sorted(resources.items())
-        if not k.startswith(("node:", "accelerator_type"))
-        and "_group_" not in k
-        and k not in ("memory", "object_store_memory")
-    }
-    return repr(shown)
-
-
-def _describe_request(scaling: Scaling) -> str:
-    if scaling.elastic:
-        return (
-            f"Trainer(num_workers=({scaling.min_workers}, {scaling.num_workers}), "
-            f"use_gpu={scaling.use_gpu}) needs {scaling.bundle()} per worker x at least "
-            f"{scaling.min_workers}"
-        )
-    return (
-        f"Trainer(num_workers={scaling.num_workers}, use_gpu={scaling.use_gpu}) needs "
-        f"{scaling.bundle()} per worker x {scaling.num_workers}"
-    )
-
-
-def release_leaked_bundles(removed: list[Any]) -> None:
-    """Remove again the placement groups whose bundles still hold resources.
-
-    When a group is removed right after one of its nodes died, Ray's GCS may still
-    reschedule the dead node's bundle and commit it on the next node that joins, where it
-    holds that node's resources for a group that no longer exists. Removing the group a
-    second time releases them.
-    """
-    if not removed:
-        return
-
-    def held() -> str:
-        return " ".join(k for k in ray.available_resources() if k.startswith("bundle_group_"))
-
-    leaked = [pg for pg in removed if pg.id.hex() in held()]
-    for pg in leaked:
-        remove_placement_group(pg)
-    deadline = time.monotonic() + 5.0  # the free-resource view follows within moments
-    while leaked and time.monotonic() < deadline:
-        time.sleep(0.2)
-        leaked = [pg for pg in leaked if pg.id.hex() in held()]
-    del removed[: max(0, len(removed) - 64)]  # keep the recent ones only
-
-
-def rank_order(node_ids: list[str]) -> list[int]:
-    """Bundle indices in rank order: by node, the driver's node first when it hosts workers
-    (so rank 0, which writes checkpoints and logs, shares the driver's disk), then by bundle.
-    Known from the placement group before the actors exist, so each actor is created with
-    its rank, which Ray prints in front of its output: ``(rank=1 pid=...)``."""
-    driver_node = ray.get_runtime_context().get_node_id()
-    node_order: dict[str, int] = {driver_node: 0} if driver_node in node_ids else {}
-    for node in node_ids:
-        node_order.setdefault(node, len(node_order))
-    return sorted(range(len(node_ids)), key=lambda i: (node_order[node_ids[i]], i))
-
-
-def _autoscaler_ceiling() -> dict[str, float]:
-    """The most of each resource the cluster's node types allow, when the autoscaler has
-    published them (KubeRay's does; a `ray up` cluster's in Ray 2.60 does not). Empty
-    otherwise. Read the way Ray Train and Ray Data read it."""
-    try:
-        from ray._private.state import state
-
-        return dict(state.get_max_resources_from_cluster_config() or {})
-    except Exception:  # a Ray without it: judge by the rest
-        return {}
-
-
-def _autoscaler_running() -> bool:
-    """Whether an autoscaler that launches nodes watches this cluster (a `ray up` or
-    KubeRay cluster); False for `ray.init()` and `ray start` clusters, whose monitor only
-    reports."""
-    try:
-        from ray.autoscaler.v2.sdk import get_cluster_status
-
-        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10)
-        return str(status.stats.autoscaler_version or "0") != "0"
-    except Exception:  # a Ray without it: judge by what exists now
-        return False
-
-
-def never_fits(
-    bundle: dict[str, float],
-    count: int,
-    total: dict[str, float],
-    ceiling: dict[str, float],
-    autoscaling: bool,
-) -> bool:
-    """Whether ``count`` workers of ``bundle`` can never be placed: beyond what the cluster
-    has and, when known, what its autoscaler's node types allow. An autoscaler whose limits
-    are unknown may still add the nodes, so the request is not judged hopeless then."""
-    if ceiling:
-        total = {k: max(total.get(k, 0.0), ceiling.get(k, 0.0)) for k in {*total, *ceiling}}
-    elif autoscaling:
-        return False
-    return fitting_workers(bundle, total) < count
-
-
-def fitting_workers(bundle: dict[str, float], available: dict[str, float]) -> int:
-    """How many workers of ``bundle`` the free resources could hold (an upper bound: a
-    worker must fit on one node, and the free amounts are cluster-wide sums)."""
-    return min(int(available.get(name, 0.0) // amount) for name, amount in bundle.items() if amount)
 
 
 class WorkerGroup:
@@ -207,7 +93,7 @@ class WorkerGroup:
         ]
         self.actors = actors
         infos = self.run_on_all(
-            "node_info", timeout_s=self.placement_timeout_s, what="worker start"
+            Worker.node_info, timeout_s=self.placement_timeout_s, what="worker start"
         )
         self._order_ranks(actors, infos)
         _warn_on_version_mismatch(infos, self.version_warnings)
@@ -216,7 +102,7 @@ class WorkerGroup:
         one_node = len({info["node_id"] for info in self.infos}) == 1
         master_addr = "127.0.0.1" if one_node else self.infos[0]["node_ip"]
         port = self.run_on_ranks(
-            [0], "open_rendezvous", master_addr, timeout_s=60, what="rendezvous"
+            [0], Worker.open_rendezvous, master_addr, timeout_s=60, what="rendezvous"
         )[0]
         refs = [
             actor.init_process_group.remote(
@@ -240,7 +126,7 @@ class WorkerGroup:
         fits = all(b.get(k, 0.0) >= v for b in workers for k, v in need.items())
         if len(workers) != self.scaling.num_workers or not fits or self.scaling.elastic:
             raise MisconfigurationException(
-                f"{_describe_request(self.scaling)}, but the Tune trial reserved "
+                f"{describe_request(self.scaling)}, but the Tune trial reserved "
                 f"{pg.bundle_specs} (its driver, then its workers): give the trainable "
                 f"resources(num_workers={self.scaling.num_workers}, ...) from raylight.tune "
                 "with the Trainer's own scaling flags."
@@ -254,13 +140,13 @@ class WorkerGroup:
         scaling, bundle = self.scaling, self.scaling.bundle()
         smallest = scaling.min_workers if scaling.elastic else scaling.num_workers
         total = ray.cluster_resources()
-        ceiling = _autoscaler_ceiling()
-        autoscaling = bool(ceiling) or _autoscaler_running()
+        ceiling = autoscaler_ceiling()
+        autoscaling = bool(ceiling) or autoscaler_running()
         if never_fits(bundle, smallest, total, ceiling, autoscaling):
-            can_grow = f", and its autoscaler can grow it to {_format_resources(ceiling)}"
+            can_grow = f", and its autoscaler can grow it to {format_resources(ceiling)}"
             raise ResourcesUnavailable(
-                f"{_describe_request(scaling)}, but the cluster has "
-                f"{_format_resources(total)} in all{can_grow if ceiling else ''}. Ask for "
+                f"{describe_request(scaling)}, but the cluster has "
+                f"{format_resources(total)} in all{can_grow if ceiling else ''}. Ask for "
                 "fewer workers or resources, or add nodes that have them."
             )
         release_leaked_bundles(self.removed_pgs)
@@ -297,10 +183,10 @@ class WorkerGroup:
         holders = []
         if held_here:
             holders.append(
-                f"{_format_resources(held_here)} by this script's other Trainers, which are running"
+                f"{format_resources(held_here)} by this script's other Trainers, which are running"
             )
         if any(busy.values()):
-            holders.append(f"{_format_resources(busy)} by other jobs or tasks on the cluster")
+            holders.append(f"{format_resources(busy)} by other jobs or tasks on the cluster")
         held = f" Held: {'; '.join(holders)}." if holders else ""
         hint = (
             " Or the cluster's autoscaler has not added nodes for them: it may not be able to "
@@ -311,9 +197,9 @@ class WorkerGroup:
             else ""
         )
         return (
-            f"{_describe_request(self.scaling)}; after {self.placement_timeout_s:.0f} s the "
-            f"cluster still could not place them. It has {_format_resources(total)} in all, "
-            f"{_format_resources(free)} free.{held} Wait for them to finish, ask for fewer "
+            f"{describe_request(self.scaling)}; after {self.placement_timeout_s:.0f} s the "
+            f"cluster still could not place them. It has {format_resources(total)} in all, "
+            f"{format_resources(free)} free.{held} Wait for them to finish, ask for fewer "
             f"workers or resources, or add nodes (one node must fit a whole worker).{hint}"
         )
 
@@ -356,7 +242,7 @@ class WorkerGroup:
         marker = storage.join(root, f".raylight-probe-{uuid.uuid4().hex}")
         storage.write_bytes(marker, b"")
         try:
-            seen = self.run_on_all("sees_path", marker, timeout_s=60, what="storage check")
+            seen = self.run_on_all(Worker.sees_path, marker, timeout_s=60, what="storage check")
         finally:
             storage.delete(marker)
         blind = [rank for rank, sees in enumerate(seen) if not sees]
@@ -368,7 +254,7 @@ class WorkerGroup:
                     ray.get_runtime_context().get_node_id(), soft=False
                 ),
             ).remote(folders, files)
-            self.run_on_ranks(blind, "route_storage", self._storage_proxy, timeout_s=60)
+            self.run_on_ranks(blind, Worker.route_storage, self._storage_proxy, timeout_s=60)
         self._storage_checked = True
         return blind
 
@@ -382,28 +268,63 @@ class WorkerGroup:
             "LOCAL_WORLD_SIZE": info["local_world_size"],
         }
 
-    # ---- calls -----------------------------------------------------------------------------------
+    # ---- the driver's calls: each runs the Worker method of the same name on every rank ------
+    def setup(self, job_ref: Any, stage: str) -> list[str]:
+        """Ship one Trainer call's objects; rank 0's notices come back."""
+        return self.run_on_all(Worker.setup, job_ref, what=f"{stage} setup")[0]
+
+    def fit_start(self, sanity_check: bool) -> dict[str, Any]:
+        return self.run_on_all(Worker.fit_start, sanity_check)[0]
+
+    def train_epoch(self, epoch: int, on_tick: Callable[[], None]) -> dict[str, Any]:
+        """Rank 0's summary of epoch ``epoch``; ``on_tick`` runs while the ranks train."""
+        return self.run_on_all(Worker.train_epoch, epoch, what=f"epoch {epoch}", on_tick=on_tick)[0]
+
+    def fit_end(self) -> dict[str, Any]:
+        """Rank 0's final state: weights and callbacks."""
+        return self.run_on_all(Worker.fit_end, what="fit end")[0]
+
+    def evaluate(self, stage: str) -> list[dict[str, float]]:
+        return self.run_on_all(Worker.evaluate, stage, what=stage)[0]
+
+    def predict(self) -> list[list[Any]]:
+        """Each rank's predictions, per dataloader."""
+        return self.run_on_all(Worker.predict, what="predict")
+
+    def metrics(self) -> dict[str, Any]:
+        return self.run_on_ranks([0], Worker.metrics)[0]
+
+    def save_checkpoint(self, path: str, weights_only: bool, what: str) -> None:
+        self.run_on_all(Worker.save_checkpoint, path, weights_only, what=what)
+
+    def flush_checkpoints(self) -> None:
+        """Wait until rank 0's checkpoints are committed, so the index names them."""
+        self.run_on_ranks([0], Worker.flush_checkpoints, timeout_s=600, what="checkpoint")
+
     def run_on_all(
         self,
-        method: str,
+        method: Callable[..., Any] | str,
         *args: Any,
         timeout_s: float | None = None,
         what: str = "",
         on_tick: Callable[[], None] | None = None,
     ) -> list[Any]:
-        refs = [getattr(actor, method).remote(*args) for actor in self.actors]
-        return self.wait(refs, timeout_s=timeout_s, what=what or method, on_tick=on_tick)
+        """``method`` (a ``Worker`` method) on every rank, in rank order."""
+        name = method if isinstance(method, str) else method.__name__
+        refs = [getattr(actor, name).remote(*args) for actor in self.actors]
+        return self.wait(refs, timeout_s=timeout_s, what=what or name, on_tick=on_tick)
 
     def run_on_ranks(
         self,
         ranks: Sequence[int],
-        method: str,
+        method: Callable[..., Any] | str,
         *args: Any,
         timeout_s: float | None = None,
         what: str = "",
     ) -> list[Any]:
-        refs = [getattr(self.actors[r], method).remote(*args) for r in ranks]
-        return self.wait(refs, timeout_s=timeout_s, what=what or method, ranks=list(ranks))
+        name = method if isinstance(method, str) else method.__name__
+        refs = [getattr(self.actors[r], name).remote(*args) for r in ranks]
+        return self.wait(refs, timeout_s=timeout_s, what=what or name, ranks=list(ranks))
 
     def wait(
         self,
@@ -526,14 +447,6 @@ class WorkerGroup:
         self._health_ref = None
 
 
-# What gloo and the TCP store say when a peer of a collective went away or never answered.
-_COLLECTIVE_BROKEN = (
-    "Connection closed by peer",
-    "Connection reset by peer",
-    "Broken pipe",
-    "Timed out waiting",
-    "Socket Timeout",
-)
 _SIGNAL_SLICE_S = 0.25  # also how often a progress bar moves
 _HEALTH_EVERY_S = 1.0  # how often the driver reads the board's stall reports while it waits
 _PEER_DEATH_GRACE_S = 3.0  # how long Ray may take to report the death behind a broken collective
@@ -573,14 +486,6 @@ def _unhealthy(
                 rank,
             )
     return None
-
-
-def collective_broke(error: BaseException) -> bool:
-    import torch.distributed as dist
-
-    if isinstance(error, dist.DistError):  # DistBackendError, DistNetworkError, DistStoreError
-        return True
-    return isinstance(error, RuntimeError) and any(s in str(error) for s in _COLLECTIVE_BROKEN)
 
 
 def _user_error(error: Any) -> BaseException:

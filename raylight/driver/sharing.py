@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from raylight.driver.group import fitting_workers
+from raylight.driver.placement import fitting_workers
 
 # The one process-wide fact here: which Trainers of this process hold workers. Weak, so
 # that a Trainer that is gone holds nothing.
