@@ -13,6 +13,7 @@ import errno
 import io
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,9 +38,7 @@ if TYPE_CHECKING:  # a type only: rank_trainer imports this module
 
 def build(trainer: RankTrainer, weights_only: bool = False) -> dict[str, Any]:
     module = trainer.lightning_module
-    epoch_done = trainer._epoch_batches_done
-    next_epoch = trainer.current_epoch + int(epoch_done)
-    batches_done = 0 if epoch_done else trainer._batches_done_at_step
+    next_epoch, batches_done = trainer._resume_point
     checkpoint: dict[str, Any] = {
         "epoch": trainer.current_epoch,
         "global_step": trainer.global_step,
@@ -197,8 +196,46 @@ class AsyncWriter:
             future.result()  # re-raises the upload's error here, on the training thread
 
 
-def restore(trainer: RankTrainer, filepath: str, stage: str) -> None:
-    """Lightning's order: weights, ``on_load_checkpoint``, callbacks, optimizers, progress."""
+@dataclass(frozen=True)
+class Repartition:
+    """A mid-epoch checkpoint whose epoch is dealt out anew over this world (beyond
+    Lightning: elastic training; ``data.py`` explains how)."""
+
+    world_size: int  # the world size the epoch was interrupted at
+    batches_done: int  # batches of the epoch that world had finished
+    order: list[int] | None  # the epoch's samples, if it was re-partitioned already
+    sampler_args: dict[str, Any] | None  # enough to rebuild its sampler order otherwise
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a restored fit continues: what ``restore`` hands to the first ``train_epoch``.
+
+    Beyond Lightning (which replays or skips batches), exact to the batch: the epoch's
+    sampler order is fixed by (seed, epoch), so skipping the batches the checkpoint had
+    finished continues with exactly the next one, and the generators continue from the
+    states the checkpoint took.
+    """
+
+    epoch: int  # the epoch to run next
+    batches_done: int = 0  # batches of that epoch the checkpoint had finished
+    rng_states: dict[str, Any] | None = None  # this rank's; only at the same world size
+    repartition: Repartition | None = None  # set when the world size changed mid-epoch
+
+    @property
+    def mid_epoch(self) -> bool:
+        return self.batches_done > 0
+
+    @property
+    def batches_to_skip(self) -> int:
+        """Batches to skip in this rank's loader (none when the epoch is re-partitioned:
+        the remainder loader holds only what is left)."""
+        return 0 if self.repartition is not None else self.batches_done
+
+
+def restore(trainer: RankTrainer, filepath: str, stage: str) -> Resume | None:
+    """Lightning's order: weights, ``on_load_checkpoint``, callbacks, optimizers, progress.
+    For ``fit``, returns where the fit continues."""
     checkpoint = load(filepath)
     module = trainer.lightning_module
     # Lightning's order: the module's hook may rewrite the checkpoint before the weights load.
@@ -208,7 +245,7 @@ def restore(trainer: RankTrainer, filepath: str, stage: str) -> None:
     if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
         datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
     if stage != "fit":
-        return
+        return None
     hooks.call_callbacks(trainer, "on_load_checkpoint", checkpoint)
     states = checkpoint.get("callbacks", {})
     for callback in trainer.callbacks:
@@ -222,27 +259,38 @@ def restore(trainer: RankTrainer, filepath: str, stage: str) -> None:
         trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", []), strict=False
     ):
         config.scheduler.load_state_dict(state)
-    # A checkpoint from pytorch-lightning has no "raylight" entry: its "loops" progress
-    # gives the position (without generator states, so exact only in sample order).
-    position = checkpoint.get("raylight") or position_from_loops(checkpoint)
     scaler = trainer.precision_plugin.scaler
     if scaler is not None and "MixedPrecision" in checkpoint:
         scaler.load_state_dict(checkpoint["MixedPrecision"])
+    return _restore_position(trainer, checkpoint)
+
+
+def _restore_position(trainer: RankTrainer, checkpoint: dict[str, Any]) -> Resume:
+    # A checkpoint from pytorch-lightning has no "raylight" entry: its "loops" progress
+    # gives the position (without generator states, so exact only in sample order).
+    position = checkpoint.get("raylight") or position_from_loops(checkpoint)
     trainer.global_step = checkpoint["global_step"]
     trainer.current_epoch = position["next_epoch"]
+    trainer._resume_point = (trainer.current_epoch, 0)  # until the first epoch starts
+    trainer._batches_that_stepped = position.get("batches_that_stepped", checkpoint["global_step"])
     batches_done = position.get("batches_done", 0)
     saved_world = position.get("world_size", trainer.world_size)
     order = position.get("epoch_order")
+    repartition = None
     if batches_done and (saved_world != trainer.world_size or order is not None):
-        trainer._resume_plan = {
-            "order": order.tolist() if order is not None else None,
-            "order_args": position.get("sampler"),
-            "world_size": saved_world,
-            "batches_done": batches_done,
-        }
-    else:
-        trainer._resume_batches = batches_done
+        repartition = Repartition(
+            world_size=saved_world,
+            batches_done=batches_done,
+            order=order.tolist() if order is not None else None,
+            sampler_args=position.get("sampler"),
+        )
     rng_states = position.get("rng_states") or []
-    if len(rng_states) == trainer.world_size:  # exact only at the same world size
-        trainer._resume_rng = rng_states[trainer.global_rank]
-    trainer._batches_that_stepped = position.get("batches_that_stepped", checkpoint["global_step"])
+    return Resume(
+        epoch=position["next_epoch"],
+        batches_done=batches_done,
+        # exact only at the same world size
+        rng_states=rng_states[trainer.global_rank]
+        if len(rng_states) == trainer.world_size
+        else None,
+        repartition=repartition,
+    )

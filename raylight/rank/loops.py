@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from raylight.module import LightningModule, move_data_to_device
 from raylight.rank import checkpointing, hooks
+from raylight.rank.checkpointing import Repartition, Resume
 from raylight.rank.data import (
     epoch_order,
     has_source,
@@ -70,42 +71,35 @@ def fit_start(trainer: RankTrainer, sanity_check: bool) -> None:
     hooks.call(trainer, "on_train_start")
 
 
-def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
-    """Run epoch ``epoch`` on this rank: its batches, its validations, its epoch-end hooks."""
+def train_epoch(trainer: RankTrainer, epoch: int, resume: Resume | None = None) -> dict[str, Any]:
+    """Run epoch ``epoch`` on this rank: its batches, its validations, its epoch-end hooks.
+    ``resume``: where a restored checkpoint left this epoch (the first epoch of a resumed fit)."""
     trainer.current_epoch, trainer.stage = epoch, "train"
     results = trainer._results = trainer._train_results or MetricLog(
         trainer._all_reduce, trainer.device
     )
     trainer._train_results = None
+    resume = resume or Resume(epoch)
     loader = trainer.train_dataloader
     set_epoch(loader, epoch)
     num_batches = trainer.num_training_batches
     val_every = _val_check_batches(trainer)
-    # Resuming mid-epoch (beyond Lightning, which replays or skips batches): the sampler
-    # order of this epoch is fixed by (seed, epoch), so skipping the batches the checkpoint
-    # had finished continues with exactly the next one. on_train_epoch_start already ran.
-    skip, trainer._resume_batches = trainer._resume_batches, 0
-    # Resuming mid-epoch at another world size (beyond Lightning: elastic training): the
-    # rest of the epoch's samples are dealt out anew over this world (data.py explains how).
-    plan, trainer._resume_plan = trainer._resume_plan, None
+    skip = resume.batches_to_skip
     trainer._epoch_order = None
-    if plan is not None:
-        loader, num_batches = _remainder_of_epoch(trainer, loader, epoch, plan)
-    mid_epoch = bool(skip) or plan is not None
-    trainer._epoch_batches_done = False
-    trainer._batches_done_at_step = skip
+    if resume.repartition is not None:
+        loader, num_batches = _remainder_of_epoch(trainer, loader, epoch, resume.repartition)
+    trainer._resume_point = (epoch, skip)
     if trainer._poster is not None:
         trainer._poster.start_epoch()
-    if not mid_epoch:
+    if not resume.mid_epoch:  # a resumed epoch's on_train_epoch_start already ran
         hooks.call(trainer, "on_train_epoch_start")
     # Creating the iterator draws from the torch generator. A mid-epoch checkpoint's states
     # were taken after that draw, so they are restored after it; an epoch-end one before.
-    resume_rng, trainer._resume_rng = trainer._resume_rng, None
-    if resume_rng is not None and not mid_epoch:
-        restore_rng(resume_rng)
+    if resume.rng_states is not None and not resume.mid_epoch:
+        restore_rng(resume.rng_states)
     batches = iter(_limited(skip_batches(loader, skip), num_batches - skip))
-    if resume_rng is not None and mid_epoch:
-        restore_rng(resume_rng)
+    if resume.rng_states is not None and resume.mid_epoch:
+        restore_rng(resume.rng_states)
     batches = _while_every_rank_has_one(trainer, loader, batches, "train")
     batch_idx, ran_out = skip - 1, True
     for batch_idx, batch in enumerate(batches, start=skip):
@@ -113,11 +107,15 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
             ran_out = False
             break
     # A loader of unknown length (an IterableDataset) ends its epoch by running out.
-    trainer._epoch_batches_done = batch_idx + 1 == num_batches or (
-        ran_out and num_batches == math.inf
-    )
-    if trainer._stopped_at is not None:
-        return epoch_summary(trainer)  # the epoch is not over: no epoch-end hooks
+    if batch_idx + 1 == num_batches or (ran_out and num_batches == math.inf):
+        trainer._resume_point = (epoch + 1, 0)
+    if trainer._stopped_at is None:  # else the epoch is not over: no epoch-end hooks
+        _end_train_epoch(trainer, results, batch_idx)
+    return epoch_summary(trainer)
+
+
+def _end_train_epoch(trainer: RankTrainer, results: MetricLog, last_batch_idx: int) -> None:
+    epoch = trainer.current_epoch
     # Callbacks see the epoch's values in on_train_epoch_end; monitoring callbacks also see
     # what the module logged there.
     _merge_metrics(trainer, *results.epoch_metrics())
@@ -128,27 +126,26 @@ def train_epoch(trainer: RankTrainer, epoch: int) -> dict[str, Any]:
     _step_schedulers(trainer, "epoch", epoch + 1, plateau=True)
     if logged:
         trainer._log_rows.append((trainer._batches_that_stepped - 1, _with_epoch(trainer, logged)))
-    _update_closing_validation(trainer, batch_idx)
+    _update_closing_validation(trainer, last_batch_idx)
     results.reset_metrics()  # torchmetrics objects start the next epoch empty, as in Lightning
-    return epoch_summary(trainer)
 
 
 def _remainder_of_epoch(
-    trainer: RankTrainer, loader: Any, epoch: int, plan: dict[str, Any]
+    trainer: RankTrainer, loader: Any, epoch: int, plan: Repartition
 ) -> tuple[Any, int | float]:
     """This rank's loader for what a checkpoint from another world size left of ``epoch``."""
-    order = plan["order"]
-    if order is None and (plan["order_args"] is None or not isinstance(loader, DataLoader)):
+    order = plan.order
+    if order is None and (plan.sampler_args is None or not isinstance(loader, DataLoader)):
         warnings.warn(
-            f"epoch {epoch} was interrupted at world size {plan['world_size']} and resumes at "
+            f"epoch {epoch} was interrupted at world size {plan.world_size} and resumes at "
             f"{trainer.world_size}, but its loader has no DistributedSampler to re-partition "
             "(an IterableDataset or a custom sampler): the epoch restarts from its first batch.",
             stacklevel=2,
         )
         return loader, trainer.num_training_batches
     if order is None:
-        order = epoch_order(len(loader.dataset), epoch, plan["world_size"], plan["order_args"])
-    remaining = remaining_after(order, plan["batches_done"], loader.batch_size, plan["world_size"])
+        order = epoch_order(len(loader.dataset), epoch, plan.world_size, plan.sampler_args)
+    remaining = remaining_after(order, plan.batches_done, loader.batch_size, plan.world_size)
     trainer._epoch_order = remaining  # a checkpoint during this epoch records it
     resumed = remainder_loader(loader, remaining, trainer.global_rank, trainer.world_size)
     return resumed, len(resumed.batch_sampler)
@@ -180,7 +177,7 @@ def _train_batch(
         outputs = _manual_step(trainer, batch, batch_idx)
     stepped = trainer.global_step > stepped_before
     if stepped:
-        trainer._batches_done_at_step = batch_idx + 1  # a checkpoint resumes after this batch
+        trainer._resume_point = (epoch, batch_idx + 1)  # a checkpoint resumes after this batch
     last = batch_idx + 1 == num_batches
     # Lightning steps schedulers before on_train_batch_end; epoch-interval ones on the
     # epoch's last batch, before its validation; plateau ones once their metric exists.

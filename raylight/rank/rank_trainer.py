@@ -131,18 +131,17 @@ class RankTrainer:
         self._validation_enabled = False
         self.current_epoch = 0
         self.global_step = 0
+        # Batches that ran an optimizer step, over the whole fit: the logger's step axis
+        # (Lightning's fit_loop.epoch_loop._batches_that_stepped).
         self._batches_that_stepped = 0
         self.should_stop = False
-        self._epoch_batches_done = False  # the current epoch ran all of its batches
-        self._batches_done_at_step = 0  # batches of this epoch up to its latest optimizer step
-        self._resume_batches = 0  # batches of the first epoch a mid-epoch checkpoint finished
-        # A mid-epoch checkpoint from another world size: what the first epoch re-partitions.
-        self._resume_plan: dict[str, Any] | None = None
+        # Where a checkpoint taken now resumes: (epoch, batches of it done through the
+        # latest optimizer step); (next epoch, 0) once an epoch ran all of its batches.
+        self._resume_point: tuple[int, int] = (0, 0)
         self._epoch_order: list[int] | None = None  # the samples of a re-partitioned epoch
         self._stop_check: Any = None  # preemption.StopCheck during fit
         self._stopped_at: str | None = None  # the checkpoint of a clean early stop
         self._poster: Any = None  # progress.Poster on rank 0 while the driver shows progress
-        self._resume_rng: Any = None  # this rank's generator states from that checkpoint
         self.stage: str | None = None
         self.sanity_checking = False
         self.callback_metrics: dict[str, torch.Tensor] = {}

@@ -100,6 +100,7 @@ class Worker:
         self._group_info: dict[str, int] = {}
         self._rendezvous: socket.socket | None = None  # rank 0's listener until the store takes it
         self._watch: StallWatch | None = None  # set once the process group exists
+        self._resume: checkpointing.Resume | None = None  # from setup to the first train_epoch
 
     def __repr__(self) -> str:
         # Ray prefixes this worker's stdout with its repr: "(rank=1 pid=...)".
@@ -234,8 +235,10 @@ class Worker:
                 find_unused_parameters=config.find_unused_parameters,
             )
             self._configure_optimizers(trainer)
+        # Where a restored fit continues, kept for the first train_epoch.
+        self._resume = None
         if job.get("ckpt_path"):
-            checkpointing.restore(trainer, job["ckpt_path"], stage)
+            self._resume = checkpointing.restore(trainer, job["ckpt_path"], stage)
         return trainer._take_notices()
 
     def _prepare_data(self, trainer: RankTrainer) -> None:
@@ -283,7 +286,8 @@ class Worker:
 
     @_with_rank_context
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        return loops.train_epoch(self.trainer, epoch)
+        resume, self._resume = self._resume, None
+        return loops.train_epoch(self.trainer, epoch, resume)
 
     @_with_rank_context
     def fit_end(self) -> dict[str, Any] | None:
