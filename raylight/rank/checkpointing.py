@@ -72,7 +72,7 @@ def build(trainer: RankTrainer, weights_only: bool = False) -> dict[str, Any]:
         states = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
         checkpoint["callbacks"] = {key: state for key, state in states.items() if state}
         checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
-        scaler = trainer.precision_plugin.scaler
+        scaler = trainer.strategy.precision.scaler
         if scaler is not None:  # Lightning's key for the AMP plugin's state
             checkpoint["MixedPrecision"] = scaler.state_dict()
         checkpoint["lr_schedulers"] = [
@@ -259,7 +259,7 @@ def restore(trainer: RankTrainer, filepath: str, stage: str) -> Resume | None:
         trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", []), strict=False
     ):
         config.scheduler.load_state_dict(state)
-    scaler = trainer.precision_plugin.scaler
+    scaler = trainer.strategy.precision.scaler
     if scaler is not None and "MixedPrecision" in checkpoint:
         scaler.load_state_dict(checkpoint["MixedPrecision"])
     return _restore_position(trainer, checkpoint)

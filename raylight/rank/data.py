@@ -196,6 +196,8 @@ def is_overridden(obj: Any, name: str) -> bool:
     if obj is None:
         return False
     base = LightningModule if isinstance(obj, LightningModule) else LightningDataModule
+    if name in vars(obj):  # set on the object (LightningDataModule.from_datasets does)
+        return True
     return getattr(type(obj), name, None) is not getattr(base, name)
 
 
@@ -303,3 +305,52 @@ def remainder_loader(
     object.__setattr__(resumed, "batch_sampler", batch_sampler)
     object.__setattr__(resumed, "_iterator", None)
     return resumed
+
+
+_RAN_OUT = object()
+
+
+def while_every_rank_has_one(
+    trainer: RankTrainer, loader: Any, batches: Iterator[Any], what: str
+) -> Iterator[Any]:
+    """``batches`` for as long as every rank still has one (beyond Lightning, which hangs).
+
+    A loader whose length differs across ranks (an IterableDataset whose shards are uneven)
+    would leave the ranks that still have batches waiting in a collective for the ones that
+    ran out. So before each batch the ranks agree, with one one-number all-reduce, that all
+    of them have one; the epoch ends on every rank when the first runs out, and rank 0 notes
+    which ranks had more. Loaders that are the same length on every rank by construction
+    (a DistributedSampler's) are returned as they are: nothing is added to their batches.
+    """
+    if trainer.world_size == 1 or same_length_on_every_rank(loader):
+        return batches
+    return _agreed_batches(trainer, batches, what)
+
+
+def _agreed_batches(trainer: RankTrainer, batches: Iterator[Any], what: str) -> Iterator[Any]:
+    count = 0
+    while True:
+        batch = next(batches, _RAN_OUT)
+        have = torch.tensor(0.0 if batch is _RAN_OUT else 1.0, device=trainer.device)
+        if trainer._all_reduce(have, "min").item() == 0.0:
+            break
+        count += 1
+        yield batch
+    more = torch.tensor(0.0 if batch is _RAN_OUT else 1.0, device=trainer.device)
+    ahead = [rank for rank, had in enumerate(trainer._all_gather(more).tolist()) if had]
+    if ahead:
+        out = [rank for rank in range(trainer.world_size) if rank not in ahead]
+        # Once per loop kind: an uneven stream is usually uneven every epoch.
+        trainer._notice(
+            f"the ranks' {what} loaders gave different numbers of batches (epoch "
+            f"{trainer.current_epoch}: rank(s) {out} ran out after {count}, while rank(s) "
+            f"{ahead} had more). Every rank ends such an epoch when the first runs out, "
+            "instead of waiting for it forever. Give every rank the same number of batches "
+            "(shard an IterableDataset evenly by rank), or cap them with limit_*_batches.",
+            once=f"uneven {what}",
+        )
+
+
+def limited(loader: Any, limit: int | float) -> Any:
+    """The loader's first ``limit`` batches, without starting an extra fetch past them."""
+    return loader if limit == math.inf else itertools.islice(loader, int(limit))

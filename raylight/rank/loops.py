@@ -1,18 +1,18 @@
 """The per-rank loops: fit (one epoch per driver call), evaluation and prediction.
 
 Read top to bottom, one batch goes: loader -> batch-transfer hooks ->
-``on_train_batch_start`` -> ``optimizer_step`` running the closure (``training_step``
-through DDP, zero_grad, backward, clipping) -> schedulers -> ``on_train_batch_end`` ->
-step logging -> validation when due. Hooks run through ``hooks.call`` in Lightning 2.x's order
-(``tests/test_hook_order.py`` holds us to it).
+``on_train_batch_start`` -> ``optimizer_step`` running the closure (``training_step``,
+zero_grad, backward) and then unscale, clipping and the step -> schedulers ->
+``on_train_batch_end`` -> step logging -> validation when due. How the step runs on this
+rank (DDP's wrapper and gradient sync, precision, the scaler) is ``trainer.strategy``
+(``strategy.py``); the loops never branch on it. Hooks run through ``hooks.call`` in
+Lightning 2.x's order (``tests/test_hook_order.py`` holds us to it).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,12 +25,13 @@ from raylight.rank.data import (
     epoch_order,
     has_source,
     is_overridden,
+    limited,
     remainder_loader,
     remaining_after,
     request_loaders,
-    same_length_on_every_rank,
     set_epoch,
     skip_batches,
+    while_every_rank_has_one,
 )
 from raylight.rank.logging import MetricLog, to_floats
 from raylight.rank.rank_trainer import RankTrainer
@@ -97,10 +98,10 @@ def train_epoch(trainer: RankTrainer, epoch: int, resume: Resume | None = None) 
     # were taken after that draw, so they are restored after it; an epoch-end one before.
     if resume.rng_states is not None and not resume.mid_epoch:
         restore_rng(resume.rng_states)
-    batches = iter(_limited(skip_batches(loader, skip), num_batches - skip))
+    batches = iter(limited(skip_batches(loader, skip), num_batches - skip))
     if resume.rng_states is not None and resume.mid_epoch:
         restore_rng(resume.rng_states)
-    batches = _while_every_rank_has_one(trainer, loader, batches, "train")
+    batches = while_every_rank_has_one(trainer, loader, batches, "train")
     batch_idx, ran_out = skip - 1, True
     for batch_idx, batch in enumerate(batches, start=skip):
         if not _train_batch(trainer, results, batch, batch_idx, num_batches, val_every):
@@ -266,18 +267,18 @@ def _save_and_stop(trainer: RankTrainer) -> None:
 
 # ---- one training batch -------------------------------------------------------------------
 def _automatic_step(trainer: RankTrainer, batch: Any, batch_idx: int, num_batches: int) -> Any:
-    config = trainer.config
+    strategy = trainer.strategy
     if not trainer.optimizers:
-        return _run_training_step(trainer, batch, batch_idx)
+        return strategy.training_step(batch, batch_idx)
     optimizer = trainer._lightning_optimizers[0]
-    accumulate = config.accumulate_grad_batches
+    accumulate = trainer.config.accumulate_grad_batches
     # The optimizer steps at the end of every accumulation window and at the epoch's last batch.
     steps_now = (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == num_batches
     zero_grad_now = batch_idx % accumulate == 0
     output: dict[str, Any] = {}
 
     def closure() -> torch.Tensor | None:
-        step_output = _run_training_step(trainer, batch, batch_idx)
+        step_output = strategy.training_step(batch, batch_idx)
         try:
             loss = _loss_of(step_output)
         except MisconfigurationException as error:
@@ -295,35 +296,28 @@ def _automatic_step(trainer: RankTrainer, batch: Any, batch_idx: int, num_batche
             )
         if loss is None:
             return None
-        scaled = loss / accumulate if accumulate > 1 else loss
-        hooks.call(trainer, "on_before_backward", scaled)
-        hooks.call_module(trainer, "backward", trainer.precision_plugin.scale(scaled))
-        hooks.call(trainer, "on_after_backward")
+        # A window's gradients add up: each batch contributes its share of the mean loss.
+        strategy.backward(loss / accumulate if accumulate > 1 else loss)
         return loss.detach()
 
     if steps_now:
+        # The module's hook calls optimizer.step(closure): the closure's backward, then
+        # unscale, on_before_optimizer_step and clipping, then the step (strategy.py).
         hooks.call_module(
             trainer, "optimizer_step", trainer.current_epoch, batch_idx, optimizer, closure
         )
     else:
-        with trainer.model.no_sync():  # gradients sync once per window, on its last batch
+        with strategy.no_sync():  # gradients sync once per window, on its last batch
             closure()
     return _batch_end_outputs(output.get("value"))
 
 
 def _manual_step(trainer: RankTrainer, batch: Any, batch_idx: int) -> Any:
-    output = _run_training_step(trainer, batch, batch_idx)
-    trainer.model.require_backward_grad_sync = True
-    trainer.model.require_forward_param_sync = True
+    output = trainer.strategy.training_step(batch, batch_idx)
+    trainer.strategy.after_manual_step()
     if output is not None and not isinstance(output, torch.Tensor | dict):
         raise MisconfigurationException(_bad_step_output(output))
     return output
-
-
-def _run_training_step(trainer: RankTrainer, batch: Any, batch_idx: int) -> Any:
-    # Through the DDP wrapper, so that backward all-reduces the gradients.
-    with trainer.precision_plugin.autocast():
-        return trainer.model(batch, batch_idx)
 
 
 def _loss_of(step_output: Any) -> torch.Tensor | None:
@@ -356,55 +350,6 @@ def _batch_end_outputs(step_output: Any) -> Any:
             k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in step_output.items()
         }
     return step_output
-
-
-_RAN_OUT = object()
-
-
-def _while_every_rank_has_one(
-    trainer: RankTrainer, loader: Any, batches: Iterator[Any], what: str
-) -> Iterator[Any]:
-    """``batches`` for as long as every rank still has one (beyond Lightning, which hangs).
-
-    A loader whose length differs across ranks (an IterableDataset whose shards are uneven)
-    would leave the ranks that still have batches waiting in a collective for the ones that
-    ran out. So before each batch the ranks agree, with one one-number all-reduce, that all
-    of them have one; the epoch ends on every rank when the first runs out, and rank 0 notes
-    which ranks had more. Loaders that are the same length on every rank by construction
-    (a DistributedSampler's) are returned as they are: nothing is added to their batches.
-    """
-    if trainer.world_size == 1 or same_length_on_every_rank(loader):
-        return batches
-    return _agreed_batches(trainer, batches, what)
-
-
-def _agreed_batches(trainer: RankTrainer, batches: Iterator[Any], what: str) -> Iterator[Any]:
-    count = 0
-    while True:
-        batch = next(batches, _RAN_OUT)
-        have = torch.tensor(0.0 if batch is _RAN_OUT else 1.0, device=trainer.device)
-        if trainer._all_reduce(have, "min").item() == 0.0:
-            break
-        count += 1
-        yield batch
-    more = torch.tensor(0.0 if batch is _RAN_OUT else 1.0, device=trainer.device)
-    ahead = [rank for rank, had in enumerate(trainer._all_gather(more).tolist()) if had]
-    if ahead:
-        out = [rank for rank in range(trainer.world_size) if rank not in ahead]
-        # Once per loop kind: an uneven stream is usually uneven every epoch.
-        trainer._notice(
-            f"the ranks' {what} loaders gave different numbers of batches (epoch "
-            f"{trainer.current_epoch}: rank(s) {out} ran out after {count}, while rank(s) "
-            f"{ahead} had more). Every rank ends such an epoch when the first runs out, "
-            "instead of waiting for it forever. Give every rank the same number of batches "
-            "(shard an IterableDataset evenly by rank), or cap them with limit_*_batches.",
-            once=f"uneven {what}",
-        )
-
-
-def _limited(loader: Any, limit: int | float) -> Any:
-    """The loader's first ``limit`` batches, without starting an extra fetch past them."""
-    return loader if limit == math.inf else itertools.islice(loader, int(limit))
 
 
 def transfer_batch(trainer: RankTrainer, batch: Any, dataloader_idx: int) -> Any:
@@ -554,8 +499,8 @@ def run_evaluation(
         for dataloader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             results.dataloader_idx = dataloader_idx if several else None
             extra = (dataloader_idx,) if several else ()
-            batches = _while_every_rank_has_one(
-                trainer, loader, iter(_limited(loader, limit)), prefix
+            batches = while_every_rank_has_one(
+                trainer, loader, iter(limited(loader, limit)), prefix
             )
             for batch_idx, batch in enumerate(batches):
                 trainer._watch.begin_batch()
@@ -563,7 +508,7 @@ def run_evaluation(
                 batch = transfer_batch(trainer, batch, dataloader_idx)
                 results.batch = batch
                 hooks.call(trainer, f"on_{prefix}_batch_start", batch, batch_idx, *extra)
-                with trainer.precision_plugin.autocast():
+                with trainer.strategy.autocast():
                     output = hooks.call_module(trainer, step_name, batch, batch_idx, *extra)
                 hooks.call(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, *extra)
                 trainer._watch.end_batch()
@@ -610,12 +555,12 @@ def run_predict(trainer: RankTrainer, loaders: list[Any], limits: list[int]) -> 
         for dataloader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             extra = (dataloader_idx,) if several else ()
             outputs: list[Any] = []
-            for batch_idx, batch in enumerate(_limited(loader, limit)):
+            for batch_idx, batch in enumerate(limited(loader, limit)):
                 trainer._watch.begin_batch()
                 trainer._batch_idx = batch_idx
                 batch = transfer_batch(trainer, batch, dataloader_idx)
                 hooks.call(trainer, "on_predict_batch_start", batch, batch_idx, *extra)
-                with trainer.precision_plugin.autocast():
+                with trainer.strategy.autocast():
                     output = hooks.call_module(trainer, "predict_step", batch, batch_idx, *extra)
                 hooks.call(trainer, "on_predict_batch_end", output, batch, batch_idx, *extra)
                 outputs.append(move_data_to_device(output, torch.device("cpu")))

@@ -2,24 +2,22 @@
 
 It carries the run's state on this rank (epoch, step, loaders, optimizers, metrics)
 and the few services hooks call back into: ``log``, ``manual_backward``,
-``all_gather``, the optimizer-step plumbing and ``strategy.barrier``.
+``all_gather`` and ``strategy`` (the DDP step of ``strategy.py``, which is also
+Lightning's ``trainer.strategy``). It holds what a module or callback may read; what
+one round trip hands to the next (a restored checkpoint's position) stays on the worker.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from torch.nn.parallel.distributed import _find_tensors
 
-from raylight.rank import hooks
 from raylight.rank.checkpointing import AsyncWriter, save_from_rank
 from raylight.rank.data import request_loaders
 from raylight.rank.logging import MetricLog
+from raylight.rank.strategy import DDPStrategy, Precision
 from raylight.rank.watchdog import NO_WATCH
 from raylight.shared.config import NO_TRAIN_LOADER, MisconfigurationException, TrainerConfig
 
@@ -29,68 +27,6 @@ _REDUCE_OPS = {
     "max": dist.ReduceOp.MAX,
     "min": dist.ReduceOp.MIN,
 }
-
-
-class _Strategy:
-    """The small part of Lightning's ``trainer.strategy`` that user code reaches for."""
-
-    def __init__(self, trainer: RankTrainer) -> None:
-        self._trainer = trainer
-
-    @property
-    def root_device(self) -> torch.device:
-        return self._trainer.device
-
-    @property
-    def world_size(self) -> int:
-        return self._trainer.world_size
-
-    def barrier(self, name: str | None = None) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not dist.is_initialized():
-            return obj
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=src)
-        return holder[0]
-
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        flag = torch.tensor(int(decision), device=self._trainer.device)
-        flag = self._trainer._all_reduce(flag, "sum")
-        return bool(flag == self._trainer.world_size) if all else bool(flag > 0)
-
-
-class _Precision:
-    """Autocast for the forward pass and, for '16-mixed', the gradient scaler."""
-
-    def __init__(self, precision: str, device: torch.device) -> None:
-        self.precision = precision
-        self.device = device
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "bf16-mixed":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        if self.precision == "16-mixed":
-            return torch.autocast(self.device.type, dtype=torch.float16)
-        return contextlib.nullcontext()
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return self.scaler.scale(loss) if self.scaler is not None else loss
-
-    def unscale(self, optimizer: Any) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-
-    def step(self, optimizer: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        if self.scaler is None:
-            return optimizer.step(closure=closure, **kwargs)
-        result = closure()  # the scaler cannot step through a closure
-        self.scaler.step(optimizer, **kwargs)
-        self.scaler.update()
-        return result
 
 
 class RankTrainer:
@@ -108,10 +44,9 @@ class RankTrainer:
         self.node_rank, self.world_size = node_rank, world_size
         self.num_devices = world_size
         self.device = device
-        self.strategy = _Strategy(self)
-        self.precision_plugin = _Precision(config.precision, device)
+        # How this rank steps the model (DDP); also Lightning's trainer.strategy.
+        self.strategy = DDPStrategy(self, config.precision, device)
         self.lightning_module: Any = None
-        self.model: Any = None  # the DDP-wrapped training-step module
         self.datamodule: Any = None
         self.callbacks: list[Any] = []
         self.optimizers: list[Any] = []
@@ -211,6 +146,15 @@ class RankTrainer:
         return self.stage == "predict"
 
     @property
+    def model(self) -> Any:
+        """The wrapped module the training step runs through (Lightning's trainer.model)."""
+        return self.strategy.model
+
+    @property
+    def precision_plugin(self) -> Precision:
+        return self.strategy.precision
+
+    @property
     def logger(self) -> None:
         return None  # loggers live on the driver
 
@@ -286,39 +230,7 @@ class RankTrainer:
         return torch.stack(gathered)
 
     def _manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        if not self.lightning_module.automatic_optimization:
-            self._prepare_ddp_for_backward(loss)
-        hooks.call(self, "on_before_backward", loss)
-        hooks.call_module(self, "backward", self.precision_plugin.scale(loss), *args, **kwargs)
-        hooks.call(self, "on_after_backward")
-
-    def _prepare_ddp_for_backward(self, loss: torch.Tensor) -> None:
-        """In manual optimization backward runs inside DDP's forward (inside training_step),
-        before DDP's own post-forward set-up: arm the reducer for this backward now, and
-        build its buckets first so that the next forward does not try to (as Lightning does)."""
-        model = self.model
-        if not isinstance(model, DistributedDataParallel) or not torch.is_grad_enabled():
-            return
-        if not model.require_backward_grad_sync:
-            model.require_forward_param_sync = False
-            return
-        model.require_forward_param_sync = True
-        used = list(_find_tensors(loss)) if model.find_unused_parameters else []
-        model.reducer._rebuild_buckets()
-        model.reducer.prepare_for_backward(used)
-
-    def _after_closure(self, optimizer: Any) -> None:
-        """Between backward and the optimizer step: unscale, hook, clip (Lightning's order)."""
-        self.precision_plugin.unscale(optimizer.optimizer)
-        hooks.call(self, "on_before_optimizer_step", optimizer.optimizer)
-        if self.lightning_module.automatic_optimization:
-            hooks.call_module(
-                self,
-                "configure_gradient_clipping",
-                optimizer.optimizer,
-                self.config.gradient_clip_val,
-                self.config.gradient_clip_algorithm,
-            )
+        self.strategy.backward(loss, *args, **kwargs)
 
     def _on_optimizer_stepped(self) -> None:
         self.global_step += 1

@@ -2,8 +2,9 @@
 
 Each public method is one round trip from the driver. Setting a stage up follows
 Lightning's ``Trainer._run``: configure_callbacks -> prepare_data (local rank 0, then a
-barrier) -> setup -> configure_model -> device and DDP -> configure_optimizers ->
-checkpoint restore; the loops then run in ``loops.py``.
+barrier) -> setup -> configure_model -> device and the strategy's wrapper ->
+configure_optimizers -> checkpoint restore, whose ``Resume`` the worker keeps for the
+first ``train_epoch``; the loops then run in ``loops.py``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from raylight.module import LightningModule
 from raylight.rank import checkpointing, hooks, loops
@@ -34,23 +33,6 @@ from raylight.rank.watchdog import StallWatch
 from raylight.seed import restore_rng
 from raylight.shared import shipping, storage
 from raylight.shared.config import MisconfigurationException, TrainerConfig
-
-
-class _TrainingStepModule(nn.Module):
-    """DDP wraps this, so ``training_step`` runs inside DDP's forward and backward syncs."""
-
-    def __init__(self, module: LightningModule, trainer: RankTrainer) -> None:
-        super().__init__()
-        self.module = module
-        self._trainer = trainer
-
-    def forward(self, batch: Any, batch_idx: int) -> Any:
-        output = hooks.call_module(self._trainer, "training_step", batch, batch_idx)
-        if not self.module.automatic_optimization:
-            # manual_backward already ran (and synced) inside this forward; DDP must not arm
-            # its reducer for another backward on the way out. loops._manual_step re-enables it.
-            self._trainer.model.require_backward_grad_sync = False
-        return output
 
 
 def _with_rank_context(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -229,11 +211,7 @@ class Worker:
                 trainer._poster = Poster(job["progress_board"])
             with contextlib.suppress(ValueError):  # signals reach only the main thread
                 trainer._stop_check.install_sigterm()
-            trainer.model = DistributedDataParallel(
-                _TrainingStepModule(module, trainer),
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=config.find_unused_parameters,
-            )
+            trainer.strategy.setup_module(module, config.find_unused_parameters)
             self._configure_optimizers(trainer)
         # Where a restored fit continues, kept for the first train_epoch.
         self._resume = None
@@ -271,8 +249,8 @@ class Worker:
         trainer._lightning_optimizers = [
             LightningOptimizer(
                 opt,
-                trainer._after_closure,
-                trainer.precision_plugin.step,
+                trainer.strategy.after_closure,
+                trainer.strategy.optimizer_step,
                 trainer._on_optimizer_stepped,
             )
             for opt in trainer.optimizers
