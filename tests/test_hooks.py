@@ -1,0 +1,130 @@
+"""The hook dispatcher (``raylight/rank/hooks.py``) on one process, without Ray."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+import raylight as pl
+from raylight.rank import hooks
+
+
+class Recording(pl.Callback):
+    def __init__(self, name, calls, monitors=False):
+        self.name, self.calls = name, calls
+        self._monitors_metrics = monitors
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.calls.append((self.name, trainer._current_hook, pl_module._current_fx_name))
+
+    def on_fit_start(self, trainer, pl_module):
+        self.calls.append((self.name, "on_fit_start"))
+
+
+class Module(pl.LightningModule):
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def on_train_epoch_end(self):
+        self.calls.append(("module", self.trainer_hook(), self._current_fx_name))
+        return "module output"
+
+    def trainer_hook(self):
+        return self._fake_trainer._current_hook
+
+    def training_step(self, batch, batch_idx):
+        raise ValueError(f"bad batch {batch_idx}")
+
+
+def _trainer(callbacks, module, datamodule=None):
+    trainer = SimpleNamespace(
+        lightning_module=module,
+        callbacks=callbacks,
+        datamodule=datamodule,
+        _current_hook=None,
+        _hook_targets={},
+    )
+    object.__setattr__(module, "_fake_trainer", trainer)
+    return trainer
+
+
+def test_callbacks_run_in_order_then_the_module_which_gives_the_result():
+    calls = []
+    module = Module(calls)
+    trainer = _trainer([Recording("a", calls), Recording("b", calls)], module)
+    assert hooks.call(trainer, "on_train_epoch_end") == "module output"
+    hook = "on_train_epoch_end"
+    assert calls == [("a", hook, hook), ("b", hook, hook), ("module", hook, hook)]
+    # The hook context is restored afterwards.
+    assert trainer._current_hook is None and module._current_fx_name is None
+
+
+def test_monitoring_callbacks_run_after_the_module_in_their_own_part():
+    calls = []
+    module = Module(calls)
+    monitor, plain = Recording("monitor", calls, monitors=True), Recording("plain", calls)
+    trainer = _trainer([monitor, plain], module)
+    hooks.call(trainer, "on_train_epoch_end", part="before_monitors")
+    assert [c[0] for c in calls] == ["plain", "module"]
+    hooks.call(trainer, "on_train_epoch_end", part="monitors")
+    assert [c[0] for c in calls] == ["plain", "module", "monitor"]
+    calls.clear()
+    hooks.call(trainer, "on_train_epoch_end")  # "all": monitors are plain callbacks here
+    assert [c[0] for c in calls] == ["monitor", "plain", "module"]
+
+
+def test_only_overrides_run_and_a_hook_nobody_overrides_is_skipped():
+    calls = []
+    module = Module(calls)
+    trainer = _trainer([Recording("a", calls), pl.Callback()], module)
+    assert hooks.call(trainer, "on_validation_start") is None
+    assert trainer._hook_targets[("on_validation_start", "all")] == []
+    hooks.call(trainer, "on_fit_start")
+    assert calls == [("a", "on_fit_start")]
+
+
+def test_a_hook_set_on_the_instance_runs():
+    calls = []
+    callback = pl.Callback()
+    callback.on_train_start = lambda trainer, module: calls.append("instance hook")
+    trainer = _trainer([callback], Module(calls))
+    hooks.call(trainer, "on_train_start")
+    assert calls == ["instance hook"]
+
+
+def test_an_error_is_tagged_with_its_innermost_hook_and_the_context_restored():
+    module = Module([])
+    trainer = _trainer([], module)
+    trainer._current_hook = "outer"
+    with pytest.raises(ValueError, match="bad batch 3") as raised:
+        hooks.call_module(trainer, "training_step", None, 3)
+    assert raised.value._raylight_hook == "training_step"
+    assert trainer._current_hook == "outer" and module._current_fx_name is None
+    hooks.tag_error(raised.value, "on_train_batch_end")  # an outer hook does not overwrite it
+    assert raised.value._raylight_hook == "training_step"
+
+
+def test_datamodule_hooks_are_named_by_their_class():
+    class Data(pl.LightningDataModule):
+        def setup(self, stage):
+            raise RuntimeError(stage)
+
+    trainer = _trainer([], Module([]), Data())
+    with pytest.raises(RuntimeError) as raised:
+        hooks.call_datamodule(trainer, "setup", "fit")
+    assert raised.value._raylight_hook == "Data.setup"
+    assert hooks.call_datamodule(_trainer([], Module([])), "setup", "fit") is None
+
+
+def test_callback_only_hooks_reach_every_callback():
+    seen = []
+
+    class Sanity(pl.Callback):
+        def on_sanity_check_start(self, trainer, pl_module):
+            seen.append(trainer._current_hook)
+
+    trainer = _trainer([Sanity(), Sanity()], Module([]))
+    hooks.call_callbacks(trainer, "on_sanity_check_start")
+    assert seen == ["on_sanity_check_start"] * 2
