@@ -42,14 +42,18 @@ def user_code() -> list[str]:
     return sorted(found)
 
 
+_PACKAGE = __name__.partition(".")[0]  # "raylight"
+
+
 def versions() -> dict[str, str]:
     """The versions of what a node must share with the driver."""
     import ray
     import torch
 
-    import raylight
-
-    return {"raylight": raylight.__version__, "torch": torch.__version__, "ray": ray.__version__}
+    # The running package's version, read from it rather than imported: this module is
+    # part of that package, which Python has always imported first.
+    version = sys.modules[_PACKAGE].__version__
+    return {"raylight": version, "torch": torch.__version__, "ray": ray.__version__}
 
 
 def version_mismatches(driver: dict[str, str], nodes: dict[str, dict[str, str]]) -> list[str]:
@@ -94,12 +98,10 @@ def _job_ships_code() -> bool:
 def _installed_roots() -> list[str]:
     """Where installed and standard-library modules live, raylight's own folder included
     (every node runs raylight; an editable install of it must not shadow the node's)."""
-    import raylight
-
     paths = sysconfig.get_paths()
     roots = [paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths]
     roots += site.getsitepackages() + [site.getusersitepackages()]
-    roots.append(os.path.dirname(raylight.__file__))
+    roots.append(os.path.dirname(sys.modules[_PACKAGE].__file__))
     return [os.path.realpath(root) for root in roots if root] + [
         os.path.abspath(root) for root in roots if root
     ]
