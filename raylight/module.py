@@ -127,6 +127,18 @@ class LightningModule(nn.Module):
         state["_trainer"] = None
         return state
 
+    def freeze(self) -> None:
+        """Stop training every parameter and switch to eval mode, as Lightning's ``freeze``."""
+        for param in self.parameters():
+            param.requires_grad = False
+        self.eval()
+
+    def unfreeze(self) -> None:
+        """Train every parameter again and switch to train mode."""
+        for param in self.parameters():
+            param.requires_grad = True
+        self.train()
+
     # ---- hyperparameters --------------------------------------------------------------
     def save_hyperparameters(
         self, *args: Any, ignore: str | list[str] | None = None, logger: bool = True

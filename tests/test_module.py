@@ -337,3 +337,38 @@ def test_print_only_on_global_rank_zero(capsys):
     module.trainer = _RankView(0)
     module.print("from rank zero")
     assert capsys.readouterr().out == "from rank zero\n"
+
+
+def test_freeze_and_unfreeze_match_lightning():
+    lightning = pytest.importorskip("pytorch_lightning")
+
+    def build(base):
+        class Net(base):
+            def __init__(self):
+                super().__init__()
+                self.body = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5))
+
+        return Net()
+
+    ours, theirs = build(LightningModule), build(lightning.LightningModule)
+    for model in (ours, theirs):
+        model.freeze()
+    assert [p.requires_grad for p in ours.parameters()] == [False, False]
+    assert [p.requires_grad for p in theirs.parameters()] == [False, False]
+    assert [m.training for m in ours.modules()] == [m.training for m in theirs.modules()]
+    assert not any(m.training for m in ours.modules())
+    for model in (ours, theirs):
+        model.unfreeze()
+    assert all(p.requires_grad for p in ours.parameters())
+    assert [m.training for m in ours.modules()] == [m.training for m in theirs.modules()]
+    assert all(m.training for m in ours.modules())
+
+
+def test_the_core_namespace_names_the_same_classes():
+    import raylight.core
+    import raylight.core.datamodule
+    import raylight.core.module
+
+    assert raylight.core.LightningModule is raylight.core.module.LightningModule is LightningModule
+    assert raylight.core.LightningDataModule is raylight.core.datamodule.LightningDataModule
+    assert raylight.core.LightningDataModule is raylight.LightningDataModule

@@ -41,14 +41,18 @@ def check_fit_inputs(model: Any, train_dataloaders: Any, datamodule: Any) -> Non
         )
     has_loader = (
         train_dataloaders is not None
-        or (
-            datamodule is not None
-            and type(datamodule).train_dataloader is not LightningDataModule.train_dataloader
-        )
-        or type(model).train_dataloader is not LightningModule.train_dataloader
+        or _defines(datamodule, LightningDataModule, "train_dataloader")
+        or _defines(model, LightningModule, "train_dataloader")
     )
     if not has_loader:
         raise MisconfigurationException(NO_TRAIN_LOADER)
+
+
+def _defines(obj: Any, base: type, hook: str) -> bool:
+    """``obj`` has its own ``hook``: in its class, or set on it (``from_datasets``)."""
+    if obj is None:
+        return False
+    return hook in vars(obj) or getattr(type(obj), hook) is not getattr(base, hook)
 
 
 def add_default_checkpoint(callbacks: list[Callback], enabled: bool) -> None:

@@ -1,0 +1,5 @@
+"""``pytorch_lightning.core.module``'s name for the module class."""
+
+from raylight.module import LightningModule
+
+__all__ = ["LightningModule"]
