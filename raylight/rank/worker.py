@@ -33,6 +33,7 @@ from raylight.rank.watchdog import StallWatch
 from raylight.seed import restore_rng
 from raylight.shared import shipping, storage
 from raylight.shared.config import MisconfigurationException, TrainerConfig
+from raylight.utilities.rank_zero import set_rank
 
 
 def _with_rank_context(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -132,6 +133,7 @@ class Worker:
         say otherwise."""
         self.rank = ranks["RANK"]
         self._group_info = ranks
+        set_rank(self.rank)  # rank_zero_only (raylight's and Lightning's) before user code runs
         os.environ.update({name: str(value) for name, value in ranks.items()})
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), OMP_NUM_THREADS=str(cpus)
