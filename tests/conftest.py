@@ -156,3 +156,13 @@ def fill(folder, leave: int = 0) -> None:
         except OSError as error:
             if error.errno != errno.ENOSPC:
                 raise
+
+
+@pytest.fixture
+def process_group(monkeypatch):
+    """A world-size-1 gloo group in this process, for rank-side tests that run without Ray."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

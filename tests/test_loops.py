@@ -5,9 +5,7 @@ A world-size-1 gloo group made in this process, so DDP's wrapper runs for real.
 
 from __future__ import annotations
 
-import pytest
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 import raylight as pl
@@ -17,15 +15,6 @@ from raylight.rank.optim import LightningOptimizer
 from raylight.rank.rank_trainer import RankTrainer
 from raylight.seed import capture_rng
 from raylight.shared.config import TrainerConfig
-
-
-@pytest.fixture
-def process_group(monkeypatch):
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 class Recorder(pl.Callback):

@@ -6,9 +6,7 @@ run for real, without Ray. Each test compares with the same arithmetic in plain 
 
 from __future__ import annotations
 
-import pytest
 import torch
-import torch.distributed as dist
 
 import raylight as pl
 from raylight.rank import loops
@@ -17,15 +15,6 @@ from raylight.rank.rank_trainer import RankTrainer
 from raylight.shared.config import TrainerConfig
 
 LR = 0.1
-
-
-@pytest.fixture
-def process_group(monkeypatch):
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 class Linear(pl.LightningModule):
