@@ -187,7 +187,7 @@ class Trainer:
         self._removed_pgs: list[Any] = []  # placement groups whose removal may not have held
         self._version_warnings: set[str] = set()  # package mismatches already reported
         self._warned: set[str] = set()  # other one-time warnings already given
-        self._board: Any = None  # board.RunBoard actor while this Trainer holds workers
+        self._board: Any = None  # shared.board.RunBoard actor while this Trainer holds workers
         self._busy = False  # inside one of the Trainer's calls (sharing leaves it alone then)
         self._released = False  # a fit's workers were stopped for another Trainer's sake
         self.ckpt_path: str | None = None  # the checkpoint the latest call started from

@@ -57,7 +57,7 @@ class WorkerGroup:
         self._first_bundle = 0
         self._storage_proxy: Any = None
         self._storage_checked = False
-        self.board: Any = None  # the Trainer's board.RunBoard: stall reports arrive there
+        self.board: Any = None  # the Trainer's shared.board.RunBoard: stall reports arrive there
         self.held_here: dict[str, float] = {}  # what this process's other Trainers hold
         self._timeout_s = 1800.0  # the process-group timeout: the watch's outer bound
         self._next_health_check = 0.0

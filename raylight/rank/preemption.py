@@ -4,7 +4,7 @@ there, and end the epoch; the run resumes from it with ``ckpt_path="last"``.
 
 Ranks must stop at the same batch, or the ones still training would wait in collectives
 for the ones that stopped. So each rank notes its reason to stop locally (a signal, or the
-driver's request on the run's board, ``board.RunBoard``, polled without blocking), and at
+driver's request on the run's board, ``shared.board.RunBoard``, polled without blocking), and at
 agreed batches the ranks all-reduce their notes. Agreement costs one tiny collective about twice a second,
 whatever the batch time: the ranks also agree on how many batches to the next check.
 """

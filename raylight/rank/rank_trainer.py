@@ -76,7 +76,7 @@ class RankTrainer:
         self._epoch_order: list[int] | None = None  # the samples of a re-partitioned epoch
         self._stop_check: Any = None  # preemption.StopCheck during fit
         self._stopped_at: str | None = None  # the checkpoint of a clean early stop
-        self._poster: Any = None  # progress.Poster on rank 0 while the driver shows progress
+        self._poster: Any = None  # poster.Poster on rank 0 while the driver shows progress
         self.stage: str | None = None
         self.sanity_checking = False
         self.callback_metrics: dict[str, torch.Tensor] = {}

@@ -17,7 +17,7 @@ different numbers of batches, a collective called on some ranks only) or on a st
 data-loader worker is therefore found within its bound, not left to wait.
 
 The loop only stamps the clock twice per batch. A daemon thread per rank wakes every
-second, compares, and reports a stall once to the run's board (``board.RunBoard``); the
+second, compares, and reports a stall once to the run's board (``shared.board.RunBoard``); the
 driver reads the board while it waits for a call, then stops the group and raises
 ``StalledRank``.
 """
