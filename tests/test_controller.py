@@ -275,6 +275,27 @@ def test_when_more_workers_fit_the_group_restarts_bigger_at_an_epoch_end():
     assert controller.failures == []  # growing is not a failure
 
 
+def test_a_new_group_waits_a_whole_interval_before_it_looks_for_room():
+    now = [0.0]
+    run = FakeRun(max_epochs=4, elastic=True, max_size=3)
+    run.free_workers = 2
+    run.script[0] = WorkerFailure("rank 1 died", 1)
+    controller = FitController(
+        run, ckpt_path=None, max_failures=1, check_interval_s=10, clock=lambda: now[0]
+    )
+    controller.step()  # a group of 2 at t=0
+    now[0] = 9.0
+    with pytest.warns(UserWarning, match="restarting the workers"):
+        assert controller.step() is State.RESTARTING  # its epoch 0 fails
+        controller.step()
+    assert controller.step() is State.RUNNING  # a new group of 2 at t=9
+    run.free_workers = 1  # a third worker fits now
+    now[0] = 12.0  # an interval after the fit began, but not after this group did
+    assert controller.step() is State.RUNNING
+    now[0] = 19.5
+    assert controller.step() is State.RESIZING
+
+
 def test_no_growth_without_elastic_or_once_the_fit_is_done():
     fixed, finishing = (
         FakeRun(max_epochs=2, max_size=4),

@@ -203,6 +203,7 @@ class FitController:
         self.epoch = summary["epoch"]
         if self.first_step is None:
             self.first_step = summary["global_step"]
+        self._checked = self.clock()  # a new group waits a whole interval before growing
         self.state = State.RUNNING
 
     def _run_epoch(self) -> None:
