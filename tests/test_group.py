@@ -63,7 +63,7 @@ def test_a_group_on_one_machine_listens_on_loopback_only(ray_session):
     )
     trainer.fit(Classifier(), loader())
     assert trainer.global_step == 4  # the group trained over those sockets
-    per_rank = trainer._group.run_on_all("opened_sockets")
+    per_rank = trainer._group.run_on_all(trainer._group.worker_cls.opened_sockets)
     trainer.shutdown()
     (rank0_sockets, rank0_env), (rank1_sockets, rank1_env) = per_rank
     store = ("127.0.0.1", int(rank0_env["MASTER_PORT"]))

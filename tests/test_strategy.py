@@ -65,6 +65,11 @@ def _trainer(module, **config):
     return trainer
 
 
+def assert_same_weights(module, model):
+    for ours, plain in zip(module.layer.parameters(), model.parameters(), strict=True):
+        assert torch.equal(ours, plain)
+
+
 def _plain_copy():
     model = Linear().layer
     return model, torch.optim.SGD(model.parameters(), lr=LR)
@@ -84,8 +89,7 @@ def test_accumulation_steps_once_per_window_on_the_mean_of_its_losses(process_gr
         for x, y in batches[start : start + 2]:
             (torch.nn.functional.mse_loss(model(x), y) / 2).backward()
         optimizer.step()
-    for ours, plain in zip(module.layer.parameters(), model.parameters(), strict=True):
-        assert torch.equal(ours, plain)
+    assert_same_weights(module, model)
 
 
 def test_the_epochs_last_batch_closes_a_short_window(process_group):
@@ -115,8 +119,7 @@ def test_gradients_are_clipped_after_backward_and_before_the_step(process_group)
     assert seen["norm before clipping"] > 0.01  # the clip had something to do
     torch.nn.utils.clip_grad_norm_(list(model.parameters()), 0.01)
     optimizer.step()
-    for ours, plain in zip(module.layer.parameters(), model.parameters(), strict=True):
-        assert torch.equal(ours, plain)
+    assert_same_weights(module, model)
 
 
 def test_manual_optimization_syncs_its_own_backward_and_rearms_ddp(process_group):
@@ -135,8 +138,7 @@ def test_manual_optimization_syncs_its_own_backward_and_rearms_ddp(process_group
         torch.nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
-    for ours, plain in zip(module.layer.parameters(), model.parameters(), strict=True):
-        assert torch.equal(ours, plain)
+    assert_same_weights(module, model)
 
 
 def test_the_strategy_is_lightnings_trainer_strategy(process_group):

@@ -303,26 +303,26 @@ class WorkerGroup:
 
     def run_on_all(
         self,
-        method: Callable[..., Any] | str,
+        method: Callable[..., Any],
         *args: Any,
         timeout_s: float | None = None,
         what: str = "",
         on_tick: Callable[[], None] | None = None,
     ) -> list[Any]:
         """``method`` (a ``Worker`` method) on every rank, in rank order."""
-        name = method if isinstance(method, str) else method.__name__
+        name = method.__name__
         refs = [getattr(actor, name).remote(*args) for actor in self.actors]
         return self.wait(refs, timeout_s=timeout_s, what=what or name, on_tick=on_tick)
 
     def run_on_ranks(
         self,
         ranks: Sequence[int],
-        method: Callable[..., Any] | str,
+        method: Callable[..., Any],
         *args: Any,
         timeout_s: float | None = None,
         what: str = "",
     ) -> list[Any]:
-        name = method if isinstance(method, str) else method.__name__
+        name = method.__name__
         refs = [getattr(self.actors[r], name).remote(*args) for r in ranks]
         return self.wait(refs, timeout_s=timeout_s, what=what or name, ranks=list(ranks))
 

@@ -20,6 +20,7 @@ from raylight.datamodule import LightningDataModule
 from raylight.loggers import CSVLogger, Logger, TensorBoardLogger
 from raylight.loggers.tensorboard import tensorboard_available
 from raylight.module import LightningModule
+from raylight.rank.data import is_overridden
 from raylight.shared import checkpoint_index, storage
 from raylight.shared.config import NO_TRAIN_LOADER, MisconfigurationException
 
@@ -41,18 +42,11 @@ def check_fit_inputs(model: Any, train_dataloaders: Any, datamodule: Any) -> Non
         )
     has_loader = (
         train_dataloaders is not None
-        or _defines(datamodule, LightningDataModule, "train_dataloader")
-        or _defines(model, LightningModule, "train_dataloader")
+        or is_overridden(datamodule, "train_dataloader")
+        or is_overridden(model, "train_dataloader")
     )
     if not has_loader:
         raise MisconfigurationException(NO_TRAIN_LOADER)
-
-
-def _defines(obj: Any, base: type, hook: str) -> bool:
-    """``obj`` has its own ``hook``: in its class, or set on it (``from_datasets``)."""
-    if obj is None:
-        return False
-    return hook in vars(obj) or getattr(type(obj), hook) is not getattr(base, hook)
 
 
 def add_default_checkpoint(callbacks: list[Callback], enabled: bool) -> None:

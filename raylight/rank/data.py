@@ -196,9 +196,7 @@ def is_overridden(obj: Any, name: str) -> bool:
     if obj is None:
         return False
     base = LightningModule if isinstance(obj, LightningModule) else LightningDataModule
-    if name in vars(obj):  # set on the object (LightningDataModule.from_datasets does)
-        return True
-    return getattr(type(obj), name, None) is not getattr(base, name)
+    return hooks.overrides(obj, base, name)  # also when set on the object (from_datasets)
 
 
 def has_source(trainer: RankTrainer, kind: str) -> bool:

@@ -55,18 +55,18 @@ def _targets(trainer: RankTrainer, hook: str, part: str) -> list[Any]:
     key = (hook, part)
     cache = trainer._hook_targets
     if key not in cache:
-        callbacks = [cb for cb in trainer.callbacks if _overrides(cb, Callback, hook)]
+        callbacks = [cb for cb in trainer.callbacks if overrides(cb, Callback, hook)]
         monitors = [cb for cb in callbacks if part != "all" and _is_monitoring(cb)]
         early = [cb for cb in callbacks if cb not in monitors]
         module = trainer.lightning_module
-        own = [module] if _overrides(module, LightningModule, hook) else []
+        own = [module] if overrides(module, LightningModule, hook) else []
         cache[key] = {"all": early + own, "before_monitors": early + own, "monitors": monitors}[
             part
         ]
     return cache[key]
 
 
-def _overrides(obj: Any, base: type, hook: str) -> bool:
+def overrides(obj: Any, base: type, hook: str) -> bool:
     """Overridden by the class, or set on the instance (as LambdaCallback does)."""
     in_instance = hook in getattr(obj, "__dict__", {})
     return in_instance or getattr(type(obj), hook, None) is not getattr(base, hook, None)
