@@ -106,6 +106,15 @@ class LightningModule(nn.Module):
         return self._trainer.local_rank if self._trainer is not None else 0
 
     @property
+    def logger(self) -> Any:
+        """The trainer's first logger (on a rank, a view of the driver's; see the README)."""
+        return self._trainer.logger if self._trainer is not None else None
+
+    @property
+    def loggers(self) -> list[Any]:
+        return self._trainer.loggers if self._trainer is not None else []
+
+    @property
     def device(self) -> torch.device:
         return self._device
 

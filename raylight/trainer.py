@@ -21,7 +21,7 @@ import torch
 
 from raylight.callbacks import Callback, ModelCheckpoint, ModelSummary
 from raylight.datamodule import LightningDataModule
-from raylight.driver import connect, sharing
+from raylight.driver import connect, logger_relay, sharing
 from raylight.driver.display import ProgressDisplay
 from raylight.driver.fit import in_tune_trial, run_fit
 from raylight.driver.group import WorkerGroup
@@ -36,10 +36,10 @@ from raylight.driver.inputs import (
     resolve_ckpt_path,
     resolve_loggers,
 )
-from raylight.loggers import Logger
+from raylight.loggers import CSVLogger, Logger, TensorBoardLogger
 from raylight.module import LightningModule
 from raylight.seed import capture_rng
-from raylight.shared import storage
+from raylight.shared import attributes, storage
 from raylight.shared.board import RunBoard
 from raylight.shared.config import (
     MisconfigurationException,
@@ -196,6 +196,7 @@ class Trainer:
         self.lightning_module: LightningModule | None = None
         self.datamodule: LightningDataModule | None = None
         self.current_epoch = 0
+        self._batches_that_stepped = 0  # the loggers' step axis, as on the ranks
         self.global_step = 0
         self.should_stop = False
         self._num_training_batches: int | float = -1  # unknown until fit starts
@@ -255,6 +256,7 @@ class Trainer:
                 for logger in self.loggers:
                     logger.log_hyperparams(dict(model.hparams))
             final = run_fit(self, model, datamodule, loaders, ckpt_path)
+        attributes.apply(model, final["attributes"])  # as if model were rank 0's, as in Lightning
         model.load_state_dict(final["state_dict"])
         for callback, trained in zip(self.callbacks, final["callbacks"], strict=True):
             callback.__dict__.update(trained.__dict__)
@@ -314,6 +316,8 @@ class Trainer:
         ckpt_path = self.ckpt_path = self._resolve_ckpt_path(ckpt_path, "predict")
         with self._in_call():
             group = self._prepare(model, datamodule, "predict", {"predict": dataloaders}, ckpt_path)
+            if self.loggers:  # what predict_step logged through self.logger
+                logger_relay.replay(self.loggers, group.metrics()["logger_calls"])
             per_rank = group.predict()
         merged = [sum((rank[i] for rank in per_rank), []) for i in range(len(per_rank[0]))]
         if not return_predictions:
@@ -383,8 +387,14 @@ class Trainer:
         return self.loggers[0] if self.loggers else None
 
     @property
-    def log_dir(self) -> str:
-        return self.logger.log_dir if self.logger is not None else self.config.default_root_dir
+    def log_dir(self) -> str | None:
+        """Lightning's rule: a TensorBoard or CSV logger's version folder, another logger's
+        ``save_dir``, else ``default_root_dir``."""
+        if self.logger is None:
+            return self.config.default_root_dir
+        if isinstance(self.logger, TensorBoardLogger | CSVLogger):
+            return self.logger.log_dir
+        return self.logger.save_dir
 
     @contextlib.contextmanager
     def _logging_run(self) -> Iterator[None]:
@@ -485,6 +495,9 @@ class Trainer:
             "loaders": loaders,
             "ckpt_path": os.fspath(ckpt_path) if ckpt_path else None,
             "user_ckpt_path": self.ckpt_path,
+            "loggers": logger_relay.describe(self.loggers),
+            "log_dir": self.log_dir,
+            "position": (self.current_epoch, self.global_step, self._batches_that_stepped),
             "rng_states": capture_rng(),
             "stop_flag": self._board if fitting else None,
             "progress_board": self._board if fitting and self.enable_progress_bar else None,
@@ -537,6 +550,7 @@ class Trainer:
         fit's epoch and step as they are."""
         if progress:
             self.current_epoch = summary["epoch"]
+            self._batches_that_stepped = summary["batches_that_stepped"]
             self.global_step = summary["global_step"]
             self.should_stop = summary["should_stop"]
             self._num_training_batches = summary["num_training_batches"]
@@ -546,6 +560,7 @@ class Trainer:
         for step, row in summary["log_rows"]:
             for logger in self.loggers:
                 logger.log_metrics(row, step)
+        logger_relay.replay(self.loggers, summary["logger_calls"])
 
     def _warn_notices(self, notices: list[str] | None) -> None:
         """Rank 0's warnings (Lightning's, for fits that would otherwise do nothing

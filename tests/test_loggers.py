@@ -52,7 +52,7 @@ def test_trainer_csv_logger_writes_lightning_rows(ray_session, tmp_path):
     train_steps = [int(r["step"]) for r in rows if r["train_loss"]]
     assert train_steps == [1, 3, 5, 7]  # every 2nd of 8 optimizer steps, counted from 0
     val_rows = [r for r in rows if r["val_loss"]]
-    assert [(r["step"], r["epoch"]) for r in val_rows] == [("4", "0.0"), ("8", "1.0")]
+    assert [(r["step"], r["epoch"]) for r in val_rows] == [("3", "0"), ("7", "1")]
     assert len([r for r in rows if r["test_acc"]]) == 1
     hparams = yaml.safe_load(open(tmp_path / "lightning_logs/version_0/hparams.yaml"))
     assert hparams == {"features": 8, "classes": 3, "lr": 0.1}
@@ -147,8 +147,9 @@ def test_trainer_default_tensorboard_logger_writes_lightning_steps(ray_session, 
     assert trainer.log_dir == str(log_dir)
     scalars = _scalars(log_dir)
     assert [step for step, _ in scalars["train_loss"]] == [1, 3, 5, 7]
-    assert [step for step, _ in scalars["val_loss"]] == [4, 8]
-    assert (4, 0.0) in scalars["epoch"] and (8, 1.0) in scalars["epoch"]
+    # Lightning counts the epoch's last batch in the step after its validation.
+    assert [step for step, _ in scalars["val_loss"]] == [3, 7]
+    assert (3, 0.0) in scalars["epoch"] and (7, 1.0) in scalars["epoch"]
     assert scalars["hp_metric"] == [(0, -1.0)]
     assert trainer.callback_metrics["val_loss"].item() == pytest.approx(
         scalars["val_loss"][-1][1], abs=1e-6

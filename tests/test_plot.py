@@ -59,7 +59,7 @@ def test_curves_and_default_output_next_to_the_csv(run_dir, capsys):
         "loss": ["train_loss", "val_loss"]
     }
     assert [step for step, _ in panels["loss"]["train_loss"]] == list(range(8))
-    assert [step for step, _ in panels["loss"]["val_loss"]] == [4, 8]
+    assert [step for step, _ in panels["loss"]["val_loss"]] == [3, 7]
     assert plot.main([str(version_0)]) == 0
     assert capsys.readouterr().out.strip() == str(version_0 / "metrics.png")
     assert (version_0 / "metrics.png").read_bytes().startswith(PNG_SIGNATURE)

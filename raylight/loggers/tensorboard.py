@@ -116,20 +116,25 @@ class TensorBoardLogger(Logger):
 
     @property
     def experiment(self) -> Any:
-        """The ``SummaryWriter``: ``logger.experiment.add_histogram(...)`` and the like work."""
+        """The ``SummaryWriter``: ``logger.experiment.add_histogram(...)`` and the like work,
+        on the driver and (through ``self.logger``) in the module's hooks on the ranks."""
         if self._experiment is not None:
             return self._experiment
-        if _writer_package() == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-        else:
-            from tensorboardX import SummaryWriter
+        writer_cls = self._experiment_class()
         if storage.is_uri(self.log_dir):
             self._staging = tempfile.mkdtemp(prefix="raylight-tensorboard-")
             folder = self._staging
         else:
             folder = self.log_dir
-        self._experiment = SummaryWriter(log_dir=folder, **self._kwargs)
+        self._experiment = writer_cls(log_dir=folder, **self._kwargs)
         return self._experiment
+
+    def _experiment_class(self) -> type:
+        if _writer_package() == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+        else:
+            from tensorboardX import SummaryWriter
+        return SummaryWriter
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         if self._prefix:

@@ -202,6 +202,10 @@ class MetricLog:
                 entry.metric.reset()
                 entry.computed = None
 
+    def clear_step_values(self) -> None:
+        for entry in self._entries.values():
+            entry.step_value = None
+
     def step_metrics(
         self,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:

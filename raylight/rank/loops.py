@@ -197,7 +197,8 @@ def _train_batch(
     # Lightning's rule: every val_check_batch batches (the last batch included when the
     # interval divides the epoch), and once more when stopping early.
     if val_every and ((batch_idx + 1) % val_every == 0 or stopping):
-        _validate_during_fit(trainer)
+        # Lightning counts this batch in its loggers' step only after the validation.
+        _validate_during_fit(trainer, trainer._batches_that_stepped - stepped)
         trainer._results = results
     if stepped:
         _step_schedulers(trainer, "step", batch_idx + 1, plateau=True)
@@ -225,18 +226,21 @@ def epoch_summary(trainer: RankTrainer) -> dict[str, Any]:
     summary = {
         "epoch": trainer.current_epoch,
         "global_step": trainer.global_step,
+        "batches_that_stepped": trainer._batches_that_stepped,
         "should_stop": trainer.should_stop,
         "num_training_batches": trainer.num_training_batches,
         "callback_metrics": to_floats(trainer.callback_metrics),
         "logged_metrics": to_floats(trainer.logged_metrics),
         "progress_bar_metrics": to_floats(trainer.progress_bar_metrics),
         "log_rows": list(trainer._log_rows),
+        "logger_calls": trainer._logger_calls,
         "validations": list(trainer._fit_validations),
         "validation_enabled": trainer._validation_enabled,
         "stopped_at": trainer._stopped_at,
         "notices": trainer._take_notices(),
     }
     trainer._log_rows.clear()
+    trainer._logger_calls = []
     trainer._fit_validations.clear()
     trainer._stopped_at = None
     return summary
@@ -393,7 +397,7 @@ def _merge_metrics(trainer: RankTrainer, callback: dict, logged: dict, bar: dict
 
 def _with_epoch(trainer: RankTrainer, logged: dict[str, torch.Tensor]) -> dict[str, float]:
     row = to_floats(logged) if trainer.is_global_zero else {}
-    row["epoch"] = float(trainer.current_epoch)
+    row["epoch"] = trainer.current_epoch  # an int, as Lightning logs it
     return row
 
 
@@ -463,12 +467,12 @@ def _update_closing_validation(trainer: RankTrainer, last_batch_idx: int) -> Non
         validations[-1]["callback_metrics"] = to_floats(trainer.callback_metrics)
 
 
-def _validate_during_fit(trainer: RankTrainer) -> None:
+def _validate_during_fit(trainer: RankTrainer, log_step: int) -> None:
     _ensure_val_loaders(trainer)
     if not any(trainer.num_val_batches):
         return
     hooks.call_module(trainer, "on_validation_model_zero_grad")
-    run_evaluation(trainer, "validate", trainer.val_dataloaders, trainer.num_val_batches)
+    run_evaluation(trainer, "validate", trainer.val_dataloaders, trainer.num_val_batches, log_step)
     trainer.stage = "train"
     if trainer.is_global_zero:  # one point per validation run: Tune hears of each
         trainer._fit_validations.append(
@@ -483,9 +487,14 @@ def _validate_during_fit(trainer: RankTrainer) -> None:
 
 # ---- evaluation and prediction ----------------------------------------------------------------
 def run_evaluation(
-    trainer: RankTrainer, stage: str, loaders: list[Any], limits: list[int]
+    trainer: RankTrainer,
+    stage: str,
+    loaders: list[Any],
+    limits: list[int],
+    log_step: int | None = None,
 ) -> list[dict[str, float]]:
-    """One validation or test run over every loader; returns the per-loader epoch metrics."""
+    """One validation or test run over every loader; returns the per-loader epoch metrics,
+    and logs them at ``log_step`` (by default the loggers' current step)."""
     prefix = "validation" if stage == "validate" else "test"
     step_name = "validation_step" if stage == "validate" else "test_step"
     previous_stage, trainer.stage = trainer.stage, stage
@@ -511,6 +520,8 @@ def run_evaluation(
                 with trainer.strategy.autocast():
                     output = hooks.call_module(trainer, step_name, batch, batch_idx, *extra)
                 hooks.call(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, *extra)
+                if not trainer.sanity_checking:
+                    _log_evaluation_step(trainer, results, stage, dataloader_idx)
                 trainer._watch.end_batch()
         trainer._batch_idx = None
         results.dataloader_idx = None
@@ -524,9 +535,25 @@ def run_evaluation(
         results.reset_metrics()
     hooks.call_module(trainer, f"on_{prefix}_model_train")
     if logged and not trainer.sanity_checking:
-        trainer._log_rows.append((trainer._batches_that_stepped, _with_epoch(trainer, logged)))
+        step = trainer._batches_that_stepped if log_step is None else log_step
+        trainer._log_rows.append((step, _with_epoch(trainer, logged)))
     trainer.stage = previous_stage
     return _per_loader(to_floats(logged), len(loaders))
+
+
+def _log_evaluation_step(
+    trainer: RankTrainer, results: MetricLog, stage: str, dataloader_idx: int
+) -> None:
+    """Lightning writes a validation or test step's ``on_step`` values at once, at a step
+    of their own: the batches of that loader this stage has seen (over the whole fit for
+    validation), with no ``epoch`` column."""
+    key = (stage, dataloader_idx)
+    seen = trainer._evaluation_batches_seen.get(key, 0)
+    trainer._evaluation_batches_seen[key] = seen + 1
+    _, logged, _ = results.step_metrics()
+    results.clear_step_values()  # a value logged at one step is not logged again at the next
+    if logged and trainer.is_global_zero:
+        trainer._log_rows.append((seen, to_floats(logged)))
 
 
 def _per_loader(logged: dict[str, float], num_loaders: int) -> list[dict[str, float]]:

@@ -85,8 +85,14 @@ class RankTrainer:
         self._results: MetricLog | None = None
         self._train_results: MetricLog | None = None  # opened by on_train_start's logs
         self._log_rows: list[tuple[int, dict[str, float]]] = []
+        # Views of the driver's loggers; rank 0's calls on them go to the driver's.
+        self.loggers: list[Any] = []
+        self._logger_calls: list[dict[str, Any]] = []
+        self._log_dir = config.default_root_dir  # the driver's trainer.log_dir
         # Rank 0: this epoch's validation runs (metrics, epoch, step), for the driver's reports.
         self._fit_validations: list[dict[str, Any]] = []
+        # (stage, dataloader_idx) -> batches seen: the step of evaluation loggers' rows.
+        self._evaluation_batches_seen: dict[tuple[str, int], int] = {}
         self._current_hook: str | None = None
         self._writer = AsyncWriter()  # rank 0's checkpoint uploads
         self._hook_targets: dict[tuple[str, str], list[Any]] = {}  # see hooks._targets
@@ -155,12 +161,13 @@ class RankTrainer:
         return self.strategy.precision
 
     @property
-    def logger(self) -> None:
-        return None  # loggers live on the driver
+    def logger(self) -> Any:
+        """A view of the driver's first logger (``rank.logger_view``), or None."""
+        return self.loggers[0] if self.loggers else None
 
     @property
-    def loggers(self) -> list[Any]:
-        return []
+    def log_dir(self) -> str:
+        return self._log_dir
 
     @property
     def estimated_stepping_batches(self) -> int | float:

@@ -25,13 +25,14 @@ import torch.distributed as dist
 from raylight.module import LightningModule
 from raylight.rank import checkpointing, hooks, loops
 from raylight.rank.data import request_loaders
+from raylight.rank.logger_view import rank_views
 from raylight.rank.optim import LightningOptimizer, parse_optimizers
 from raylight.rank.poster import Poster
 from raylight.rank.preemption import StopCheck
 from raylight.rank.rank_trainer import RankTrainer
 from raylight.rank.watchdog import StallWatch
 from raylight.seed import restore_rng
-from raylight.shared import shipping, storage
+from raylight.shared import attributes, shipping, storage
 from raylight.shared.config import MisconfigurationException, TrainerConfig
 from raylight.utilities.rank_zero import set_rank
 
@@ -191,6 +192,12 @@ class Worker:
             self._watch.trainer = trainer
         trainer._loader_sources = job["loaders"]
         trainer.ckpt_path = job.get("user_ckpt_path")
+        trainer.loggers = rank_views(job["loggers"], trainer)
+        trainer._log_dir = job["log_dir"]
+        if job["stage"] != "fit":  # evaluation after a fit logs at the fit's position
+            trainer.current_epoch, trainer.global_step, trainer._batches_that_stepped = job[
+                "position"
+            ]
         module: LightningModule = job["module"]
         trainer.lightning_module, trainer.datamodule = module, job["datamodule"]
         self._user_callbacks = list(job["callbacks"])
@@ -284,6 +291,7 @@ class Worker:
             },
             # The user's callbacks as rank 0 left them (best_model_path and the like).
             "callbacks": self._user_callbacks,
+            "attributes": attributes.collect(trainer.lightning_module),
         }
 
     @_with_rank_context
