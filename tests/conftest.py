@@ -10,7 +10,15 @@ import pytest
 import ray
 import torch.distributed as dist
 
-_RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+_RANK_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "NODE_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "MASTER_ADDR",
+)
 _SEED_VARS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")  # seed_everything sets them on purpose
 NUM_CPUS = 4
 

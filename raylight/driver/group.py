@@ -266,6 +266,8 @@ class WorkerGroup:
             "WORLD_SIZE": len(self.actors),
             "NODE_RANK": info["node_rank"],
             "LOCAL_WORLD_SIZE": info["local_world_size"],
+            # torchrun's name for the number of nodes (its worker groups)
+            "GROUP_WORLD_SIZE": len({other["node_rank"] for other in self.infos}),
         }
 
     # ---- the driver's calls: each runs the Worker method of the same name on every rank ------

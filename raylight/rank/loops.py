@@ -163,6 +163,7 @@ def _train_batch(
     """One training batch, its scheduler steps and any validation due; False ends the epoch."""
     epoch, module = trainer.current_epoch, trainer.lightning_module
     trainer._batch_idx = batch_idx
+    trainer._is_last_batch = batch_idx + 1 == num_batches
     # A checkpoint write that failed for good stops the fit here, not after more epochs.
     trainer._writer.raise_if_failed()
     trainer._watch.begin_batch()

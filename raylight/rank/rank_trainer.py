@@ -29,6 +29,31 @@ _REDUCE_OPS = {
 }
 
 
+_ENTRY_POINT = (
+    "the Trainer's fit, validate, test and predict run on the driver; call them from "
+    "the script, not from a hook."
+)
+_LOOP = (
+    "raylight's loops are plain functions, not Lightning's loop objects; read "
+    "trainer.current_epoch, trainer.global_step, trainer.max_epochs or trainer.is_last_batch."
+)
+_DRIVER_ONLY = {
+    "fit": _ENTRY_POINT,
+    "validate": _ENTRY_POINT,
+    "test": _ENTRY_POINT,
+    "predict": _ENTRY_POINT,
+    "fit_loop": _LOOP,
+    "validate_loop": _LOOP,
+    "test_loop": _LOOP,
+    "predict_loop": _LOOP,
+    "state": "use trainer.training / validating / testing / predicting / sanity_checking.",
+    "accelerator": "the device is trainer.device (trainer.strategy.root_device).",
+    "scaler": "mixed precision is trainer.precision_plugin (its scaler is internal).",
+    "profiler": "Trainer(profiler=...) is not among raylight's flags.",
+    "init_module": "create the model in the script (or in configure_model).",
+}
+
+
 class RankTrainer:
     def __init__(
         self,
@@ -98,6 +123,10 @@ class RankTrainer:
         self._hook_targets: dict[tuple[str, str], list[Any]] = {}  # see hooks._targets
         self._batch_hook_owners: dict[str, bool] = {}  # see loops._transfer_hook
         self._batch_idx: int | None = None
+        self._is_last_batch = False  # the current training batch is the epoch's last
+        self.num_test_batches: list[int] = []
+        self.num_predict_batches: list[int] = []
+        self.num_nodes = 1  # set by the worker from its group
         self._watch: Any = NO_WATCH  # watchdog.StallWatch on a rank of a live group
         self._notices: list[str] = []  # rank 0's warnings for the driver to give
         self._noticed: set[str] = set()  # what was already noted in this stage
@@ -150,6 +179,120 @@ class RankTrainer:
     @property
     def predicting(self) -> bool:
         return self.stage == "predict"
+
+    # Flags as Lightning's trainer exposes them.
+    @property
+    def check_val_every_n_epoch(self) -> int | None:
+        return self.config.check_val_every_n_epoch
+
+    @property
+    def val_check_interval(self) -> int | float:
+        return self.config.val_check_interval
+
+    @property
+    def num_sanity_val_steps(self) -> int:
+        return self.config.num_sanity_val_steps
+
+    @property
+    def fast_dev_run(self) -> int | bool:
+        return self.config.fast_dev_run or False
+
+    @property
+    def gradient_clip_val(self) -> float | None:
+        return self.config.gradient_clip_val
+
+    @property
+    def gradient_clip_algorithm(self) -> str | None:
+        return self.config.gradient_clip_algorithm
+
+    @property
+    def limit_train_batches(self) -> int | float:
+        return self.config.limit_train_batches
+
+    @property
+    def limit_val_batches(self) -> int | float:
+        return self.config.limit_val_batches
+
+    @property
+    def limit_test_batches(self) -> int | float:
+        return self.config.limit_test_batches
+
+    @property
+    def limit_predict_batches(self) -> int | float:
+        return self.config.limit_predict_batches
+
+    @property
+    def min_steps(self) -> None:
+        return None  # Trainer(min_steps=...) is not among raylight's flags
+
+    # What this rank is running.
+    @property
+    def evaluating(self) -> bool:
+        return self.stage in ("validate", "test")
+
+    @property
+    def enable_validation(self) -> bool:
+        return self._validation_enabled
+
+    @property
+    def is_last_batch(self) -> bool:
+        return self._is_last_batch
+
+    @property
+    def interrupted(self) -> bool:
+        return False  # a rank that runs a hook has not been interrupted
+
+    @property
+    def received_sigterm(self) -> bool:
+        return self._stop_check is not None and self._stop_check.signalled
+
+    @property
+    def num_sanity_val_batches(self) -> list[int]:
+        steps = self.config.num_sanity_val_steps
+        return [n if steps == -1 else min(n, steps) for n in self.num_val_batches]
+
+    @property
+    def device_ids(self) -> list[int]:
+        return [self.device.index or 0]
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    # The callbacks Lightning looks up by kind.
+    @property
+    def checkpoint_callbacks(self) -> list[Any]:
+        return [cb for cb in self.callbacks if type(cb).__name__ == "ModelCheckpoint"]
+
+    @property
+    def checkpoint_callback(self) -> Any:
+        callbacks = self.checkpoint_callbacks
+        return callbacks[0] if callbacks else None
+
+    @property
+    def early_stopping_callbacks(self) -> list[Any]:
+        return [cb for cb in self.callbacks if type(cb).__name__ == "EarlyStopping"]
+
+    @property
+    def early_stopping_callback(self) -> Any:
+        callbacks = self.early_stopping_callbacks
+        return callbacks[0] if callbacks else None
+
+    @property
+    def progress_bar_callback(self) -> None:
+        return None  # the driver draws the bar; ranks have none
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_global_zero:
+            print(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """Lightning's trainer attributes that have no meaning on a rank: a clear error."""
+        if name in _DRIVER_ONLY:
+            raise AttributeError(
+                f"trainer.{name} is not available inside raylight's workers: {_DRIVER_ONLY[name]}"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def model(self) -> Any:

@@ -194,6 +194,7 @@ class Worker:
         trainer.ckpt_path = job.get("user_ckpt_path")
         trainer.loggers = rank_views(job["loggers"], trainer)
         trainer._log_dir = job["log_dir"]
+        trainer.num_nodes = info["GROUP_WORLD_SIZE"]
         if job["stage"] != "fit":  # evaluation after a fit logs at the fit's position
             trainer.current_epoch, trainer.global_step, trainer._batches_that_stepped = job[
                 "position"
@@ -302,7 +303,7 @@ class Worker:
         if stage == "validate":
             trainer.val_dataloaders, trainer.num_val_batches = loaders, limits
         else:
-            trainer.test_dataloaders = loaders
+            trainer.test_dataloaders, trainer.num_test_batches = loaders, limits
         results = loops.run_evaluation(trainer, stage, loaders, limits)
         _call_teardown(trainer, stage)
         return results
@@ -312,7 +313,7 @@ class Worker:
         trainer = self.trainer
         trainer.lightning_module.zero_grad(set_to_none=True)
         loaders, limits = request_loaders(trainer, "predict")
-        trainer.predict_dataloaders = loaders
+        trainer.predict_dataloaders, trainer.num_predict_batches = loaders, limits
         predictions = loops.run_predict(trainer, loaders, limits)
         _call_teardown(trainer, "predict")
         return predictions
