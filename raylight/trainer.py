@@ -47,8 +47,8 @@ from raylight.shared.config import (
     make_config,
     make_scaling,
 )
+from raylight.strategies.ddp import DDPStrategy, ddp_settings
 
-_STRATEGIES = {None, "auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"}
 _STAGE_LOADER = {"validate": "val", "test": "test", "predict": "predict"}
 
 
@@ -90,7 +90,7 @@ class Trainer:
         devices: int | str | list[int] | None = None,
         num_nodes: int = 1,
         gpus: int | None = None,
-        strategy: str | None = None,
+        strategy: str | DDPStrategy | None = None,
         placement_timeout_s: float = 60.0,
         process_group_timeout_s: float = 1800.0,
         max_failures: int = 0,
@@ -129,12 +129,11 @@ class Trainer:
         self.scaling = make_scaling(
             num_workers, use_gpu, resources_per_worker, accelerator, devices, num_nodes, gpus
         )
-        if strategy not in _STRATEGIES:
-            raise MisconfigurationException(
-                f"Trainer(strategy={strategy!r}) is not supported: raylight always runs DDP "
-                f"on Ray workers; use one of {sorted(s for s in _STRATEGIES if s)}."
-            )
-        self.config.find_unused_parameters = strategy == "ddp_find_unused_parameters_true"
+        # Lightning's DDP strategy names, or a DDPStrategy: its settings reach the ranks' wrapper.
+        ddp = ddp_settings(strategy, self.scaling.use_gpu, self.config.process_group_timeout_s)
+        self.config.find_unused_parameters = ddp.find_unused_parameters
+        self.config.ddp_kwargs = ddp.ddp_kwargs
+        self.config.process_group_timeout_s = ddp.process_group_timeout_s
         if self.scaling.use_gpu is False and self.config.precision == "16-mixed":
             raise MisconfigurationException(
                 "Trainer(precision='16-mixed') needs GPUs: use 'bf16-mixed' on CPU, or use_gpu=True."

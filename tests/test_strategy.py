@@ -6,6 +6,7 @@ run for real, without Ray. Each test compares with the same arithmetic in plain 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import raylight as pl
@@ -149,3 +150,32 @@ def test_the_strategy_is_lightnings_trainer_strategy(process_group):
     assert strategy.reduce_boolean_decision(True) is True
     assert trainer.precision_plugin is strategy.precision
     assert trainer.model is strategy.model
+
+
+class WithUnusedLayer(Linear):
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Linear(3, 1)
+
+
+def test_the_run_configs_ddp_arguments_reach_the_wrapper(process_group):
+    ddp_kwargs = {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 2}
+    trainer = _trainer(Linear(), ddp_kwargs=ddp_kwargs)
+    assert trainer.model.static_graph and trainer.model.gradient_as_bucket_view
+    assert trainer.model.bucket_bytes_cap == 2 * 2**20
+    assert not trainer.model.find_unused_parameters
+
+
+def test_unused_parameters_raise_an_error_naming_the_strategy_that_fixes_them(process_group):
+    trainer = _trainer(WithUnusedLayer())
+    batches = _batches(2)
+    loops._automatic_step(trainer, batches[0], 0, 2)  # torch notices on the next forward
+    with pytest.raises(RuntimeError) as raised:
+        loops._automatic_step(trainer, batches[1], 1, 2)
+    message = str(raised.value)
+    assert "strategy='ddp_find_unused_parameters_true'" in message
+    assert "strategy=DDPStrategy(find_unused_parameters=True)" in message
+    assert "Expected to have finished reduction in the prior iteration" in str(
+        raised.value.__cause__
+    )
+    assert raised.value._raylight_hook == "training_step"

@@ -30,6 +30,17 @@ if TYPE_CHECKING:  # types only: rank_trainer builds the strategy
     from raylight.rank.rank_trainer import RankTrainer
 
 
+# torch's DDP raises this in the next forward when some parameters got no gradient.
+_UNFINISHED_REDUCTION = "Expected to have finished reduction in the prior iteration"
+_UNUSED_PARAMETERS = (
+    "It looks like your LightningModule has parameters that were not used in producing the loss "
+    "returned by training_step. If this is intentional, you must enable the detection of unused "
+    "parameters in DDP, either by setting the string value "
+    "`strategy='ddp_find_unused_parameters_true'` or by setting the flag in the strategy with "
+    "`strategy=DDPStrategy(find_unused_parameters=True)` (from raylight.strategies)."
+)
+
+
 class Precision:
     """Autocast for the forward pass and, for '16-mixed', the gradient scaler."""
 
@@ -85,6 +96,7 @@ class DDPStrategy:
         self._trainer = trainer
         self.precision = Precision(precision, device)
         self.model: Any = None  # the DDP-wrapped training-step module, once set up
+        self._static_graph_first_reduce_done = False
 
     # ---- Lightning's trainer.strategy ------------------------------------------------------
     @property
@@ -113,21 +125,33 @@ class DDPStrategy:
 
     # ---- the step ------------------------------------------------------------------------------
     def setup_module(self, module: LightningModule, find_unused_parameters: bool) -> None:
-        """Wrap ``module`` (already on its device) so that its training step syncs gradients."""
+        """Wrap ``module`` (already on its device) so that its training step syncs gradients.
+
+        The rest of ``Trainer(strategy=DDPStrategy(...))`` (static_graph, bucket_cap_mb, ...)
+        comes with the run's config, checked on the driver."""
         device = self._trainer.device
         self.model = DistributedDataParallel(
             _TrainingStepModule(module, self._trainer),
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters,
+            **self._trainer.config.ddp_kwargs,
         )
+        self._static_graph_first_reduce_done = False  # a new wrapper starts at iteration one
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return self.precision.autocast()
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         # Through the DDP wrapper, so that backward all-reduces the gradients.
-        with self.precision.autocast():
-            return self.model(batch, batch_idx)
+        try:
+            with self.precision.autocast():
+                return self.model(batch, batch_idx)
+        except RuntimeError as error:
+            if _UNFINISHED_REDUCTION not in str(error):
+                raise
+            unused = RuntimeError(_UNUSED_PARAMETERS)
+            hooks.tag_error(unused, "training_step")
+            raise unused from error
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -138,11 +162,14 @@ class DDPStrategy:
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """The backward hooks around the (scaled) loss's backward, in Lightning's order."""
         trainer = self._trainer
-        if not trainer.lightning_module.automatic_optimization:
+        manual = not trainer.lightning_module.automatic_optimization
+        if manual:
             self._prepare_reducer_for_manual_backward(loss)
         hooks.call(trainer, "on_before_backward", loss)
         hooks.call_module(trainer, "backward", self.precision.scale(loss), *args, **kwargs)
         hooks.call(trainer, "on_after_backward")
+        if manual:
+            self._static_graph_first_reduce()
 
     def after_manual_step(self) -> None:
         """After a manual-optimization training_step: DDP syncs the next forward again."""
@@ -163,6 +190,17 @@ class DDPStrategy:
         used = list(_find_tensors(loss)) if model.find_unused_parameters else []
         model.reducer._rebuild_buckets()
         model.reducer.prepare_for_backward(used)
+
+    def _static_graph_first_reduce(self) -> None:
+        """With ``static_graph``, DDP all-reduces its first iteration's gradients at the end of
+        the backward that passes through its forward's output. A manual backward runs inside
+        the forward instead, so start that all-reduce here, once (as Lightning does)."""
+        model = self.model
+        if not isinstance(model, DistributedDataParallel) or not model.static_graph:
+            return
+        if not self._static_graph_first_reduce_done:
+            model.reducer._delay_all_reduce()
+            self._static_graph_first_reduce_done = True
 
     def after_closure(self, optimizer: LightningOptimizer) -> None:
         """Between backward and the optimizer step: unscale, hook, clip (Lightning's order)."""

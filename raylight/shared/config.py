@@ -85,6 +85,8 @@ class TrainerConfig:
     use_distributed_sampler: bool = True
     inference_mode: bool = True
     find_unused_parameters: bool = False
+    # DistributedDataParallel's other arguments, from Trainer(strategy=DDPStrategy(...)).
+    ddp_kwargs: dict[str, Any] = field(default_factory=dict)
     process_group_timeout_s: float = 1800.0
     global_seed: int | None = None
     run_id: str = ""  # one fit, across its restarts: tags its checkpoint index entries
