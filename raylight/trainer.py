@@ -21,7 +21,7 @@ import torch
 
 from raylight.callbacks import Callback, ModelCheckpoint, ModelSummary
 from raylight.datamodule import LightningDataModule
-from raylight.driver import connect, logger_relay, sharing
+from raylight.driver import connect, lightning_flags, logger_relay, sharing
 from raylight.driver.display import ProgressDisplay
 from raylight.driver.fit import in_tune_trial, run_fit
 from raylight.driver.group import WorkerGroup
@@ -98,7 +98,37 @@ class Trainer:
         recovery_every_n_train_steps: int | None = None,
         recovery_train_time_interval: timedelta | None = None,
         ray_init_kwargs: dict[str, Any] | None = None,
+        max_time: str | timedelta | dict[str, int] | None = None,
+        overfit_batches: int | float = 0.0,
+        reload_dataloaders_every_n_epochs: int = 0,
+        sync_batchnorm: bool = False,
+        benchmark: bool | None = None,
+        detect_anomaly: bool = False,
+        profiler: str | None = None,
+        barebones: bool = False,
     ) -> None:
+        if barebones:
+            flags = lightning_flags.apply_barebones(
+                {
+                    "enable_checkpointing": enable_checkpointing,
+                    "logger": logger,
+                    "enable_progress_bar": enable_progress_bar,
+                    "log_every_n_steps": log_every_n_steps,
+                    "enable_model_summary": enable_model_summary,
+                    "num_sanity_val_steps": num_sanity_val_steps,
+                    "fast_dev_run": fast_dev_run,
+                    "detect_anomaly": detect_anomaly,
+                    "profiler": profiler,
+                }
+            )
+            enable_checkpointing, logger = flags["enable_checkpointing"], flags["logger"]
+            enable_progress_bar = flags["enable_progress_bar"]
+            log_every_n_steps = flags["log_every_n_steps"]
+            enable_model_summary = flags["enable_model_summary"]
+            num_sanity_val_steps = flags["num_sanity_val_steps"]
+        limit_train_batches, limit_val_batches = lightning_flags.overfit_limits(
+            overfit_batches, limit_train_batches, limit_val_batches
+        )
         if default_root_dir is None and in_tune_trial():
             from raylight import tune
 
@@ -125,6 +155,13 @@ class Trainer:
             use_distributed_sampler=use_distributed_sampler,
             inference_mode=inference_mode,
             process_group_timeout_s=process_group_timeout_s,
+            overfit_batches=overfit_batches,
+            reload_dataloaders_every_n_epochs=reload_dataloaders_every_n_epochs,
+            sync_batchnorm=sync_batchnorm,
+            benchmark=benchmark,
+            detect_anomaly=detect_anomaly,
+            profiler=lightning_flags.check_profiler(profiler),
+            barebones=barebones,
         )
         self.scaling = make_scaling(
             num_workers, use_gpu, resources_per_worker, accelerator, devices, num_nodes, gpus
@@ -134,6 +171,11 @@ class Trainer:
         self.config.find_unused_parameters = ddp.find_unused_parameters
         self.config.ddp_kwargs = ddp.ddp_kwargs
         self.config.process_group_timeout_s = ddp.process_group_timeout_s
+        if self.scaling.use_gpu is False and sync_batchnorm:
+            raise MisconfigurationException(
+                "Trainer(sync_batchnorm=True) needs GPU workers: torch's SyncBatchNorm works "
+                "only with GPU modules under DDP. Use use_gpu=True, or leave it off on CPU."
+            )
         if self.scaling.use_gpu is False and self.config.precision == "16-mixed":
             raise MisconfigurationException(
                 "Trainer(precision='16-mixed') needs GPUs: use 'bf16-mixed' on CPU, or use_gpu=True."
@@ -145,6 +187,7 @@ class Trainer:
                 f"Trainer(callbacks={callbacks!r}): it takes a Callback or a list of them."
             )
         self.callbacks: list[Callback] = list(callbacks or [])
+        lightning_flags.add_max_time(self.callbacks, max_time)
         for callback in self.callbacks:
             if not isinstance(callback, Callback):
                 raise MisconfigurationException(
@@ -195,8 +238,8 @@ class Trainer:
         self.lightning_module: LightningModule | None = None
         self.datamodule: LightningDataModule | None = None
         self.current_epoch = 0
-        self._batches_that_stepped = 0  # the loggers' step axis, as on the ranks
         self.global_step = 0
+        self._batches_that_stepped = 0  # the loggers' step axis, as on the ranks
         self.should_stop = False
         self._num_training_batches: int | float = -1  # unknown until fit starts
         self.callback_metrics: dict[str, torch.Tensor] = {}
@@ -255,8 +298,8 @@ class Trainer:
                 for logger in self.loggers:
                     logger.log_hyperparams(dict(model.hparams))
             final = run_fit(self, model, datamodule, loaders, ckpt_path)
-        attributes.apply(model, final["attributes"])  # as if model were rank 0's, as in Lightning
         model.load_state_dict(final["state_dict"])
+        attributes.apply(model, final["attributes"])  # as if model were rank 0's, as in Lightning
         for callback, trained in zip(self.callbacks, final["callbacks"], strict=True):
             callback.__dict__.update(trained.__dict__)
 
@@ -315,9 +358,9 @@ class Trainer:
         ckpt_path = self.ckpt_path = self._resolve_ckpt_path(ckpt_path, "predict")
         with self._in_call():
             group = self._prepare(model, datamodule, "predict", {"predict": dataloaders}, ckpt_path)
+            per_rank = group.predict()
             if self.loggers:  # what predict_step logged through self.logger
                 logger_relay.replay(self.loggers, group.metrics()["logger_calls"])
-            per_rank = group.predict()
         merged = [sum((rank[i] for rank in per_rank), []) for i in range(len(per_rank[0]))]
         if not return_predictions:
             return None
@@ -494,10 +537,10 @@ class Trainer:
             "loaders": loaders,
             "ckpt_path": os.fspath(ckpt_path) if ckpt_path else None,
             "user_ckpt_path": self.ckpt_path,
+            "rng_states": capture_rng(),
             "loggers": logger_relay.describe(self.loggers),
             "log_dir": self.log_dir,
             "position": (self.current_epoch, self.global_step, self._batches_that_stepped),
-            "rng_states": capture_rng(),
             "stop_flag": self._board if fitting else None,
             "progress_board": self._board if fitting and self.enable_progress_bar else None,
         }
@@ -549,8 +592,8 @@ class Trainer:
         fit's epoch and step as they are."""
         if progress:
             self.current_epoch = summary["epoch"]
-            self._batches_that_stepped = summary["batches_that_stepped"]
             self.global_step = summary["global_step"]
+            self._batches_that_stepped = summary["batches_that_stepped"]
             self.should_stop = summary["should_stop"]
             self._num_training_batches = summary["num_training_batches"]
         for name in ("callback_metrics", "logged_metrics", "progress_bar_metrics"):

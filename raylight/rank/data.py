@@ -57,12 +57,14 @@ def as_loader_list(loaders: Any) -> list[Any]:
     return [loaders]
 
 
-def distribute(loader: Any, mode: str, num_replicas: int, rank: int, seed: int) -> Any:
+def distribute(
+    loader: Any, mode: str, num_replicas: int, rank: int, seed: int, shuffle: bool = True
+) -> Any:
     """Give ``loader`` this rank's share of the data, keeping its other arguments.
 
-    ``mode`` is "train" (shuffled DistributedSampler), "eval" (unshuffled, padded so
-    every rank runs the same number of batches and collectives stay matched) or
-    "predict" (contiguous, unpadded).
+    ``mode`` is "train" (shuffled DistributedSampler, unless ``shuffle`` is False as with
+    ``overfit_batches``), "eval" (unshuffled, padded so every rank runs the same number of
+    batches and collectives stay matched) or "predict" (contiguous, unpadded).
     """
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return loader
@@ -74,14 +76,14 @@ def distribute(loader: Any, mode: str, num_replicas: int, rank: int, seed: int) 
             "automatically: give it a DistributedSampler yourself and set "
             "Trainer(use_distributed_sampler=False)."
         )
-    shuffle = mode == "train"  # Lightning shuffles every distributed training loader
+    shuffle = shuffle and mode == "train"  # Lightning shuffles distributed training loaders
     if num_replicas == 1:
         # One worker is Lightning's single-device case: the loader's own order. Sequential
         # and random samplers still become a DistributedSampler so that the order is a
         # function of (seed, epoch) and a mid-epoch checkpoint resumes exactly.
         if not isinstance(loader.sampler, SequentialSampler | RandomSampler):
             return loader
-        shuffle = isinstance(loader.sampler, RandomSampler)
+        shuffle = shuffle and isinstance(loader.sampler, RandomSampler)
     if mode == "predict":
         sampler: Sampler[int] = ContiguousSampler(len(loader.dataset), num_replicas, rank)
     else:
@@ -220,11 +222,23 @@ def request_loaders(trainer: RankTrainer, kind: str) -> tuple[list[Any], list[in
         loaders = hooks.call_module(trainer, hook)
     config = trainer.config
     mode = {"train": "train", "predict": "predict"}.get(kind, "eval")
+    loaders = as_loader_list(loaders)
+    # Lightning's overfit_batches: the same first batches every epoch, so no shuffling.
+    shuffle = not (kind == "train" and config.overfit_batches > 0)
+    if not shuffle and any(
+        isinstance(getattr(lo, "sampler", None), RandomSampler) for lo in loaders
+    ):
+        trainer._notice(
+            "You requested to overfit but enabled train dataloader shuffling. We are turning "
+            "off the train dataloader shuffling for you."
+        )
     distributed = [
-        distribute(lo, mode, trainer.world_size, trainer.global_rank, config.global_seed or 0)
+        distribute(
+            lo, mode, trainer.world_size, trainer.global_rank, config.global_seed or 0, shuffle
+        )
         if config.use_distributed_sampler
         else lo
-        for lo in as_loader_list(loaders)
+        for lo in loaders
     ]
     limit_name = _LIMITS[kind]
     limits = [limit_batches(lo, getattr(config, limit_name), limit_name) for lo in distributed]

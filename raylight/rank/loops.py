@@ -81,6 +81,7 @@ def train_epoch(trainer: RankTrainer, epoch: int, resume: Resume | None = None) 
     )
     trainer._train_results = None
     resume = resume or Resume(epoch)
+    _reload_loaders_if_due(trainer, epoch, resume)
     loader = trainer.train_dataloader
     set_epoch(loader, epoch)
     num_batches = trainer.num_training_batches
@@ -386,7 +387,8 @@ def _publish_step_metrics(trainer: RankTrainer, results: MetricLog, stepped: boo
     if stepped:
         trainer._batches_that_stepped += 1
         step = trainer._batches_that_stepped - 1
-        if logged and trainer.is_global_zero and (step + 1) % trainer.log_every_n_steps == 0:
+        every = trainer.log_every_n_steps  # 0: no step rows (barebones)
+        if logged and trainer.is_global_zero and every and (step + 1) % every == 0:
             trainer._log_rows.append((step, _with_epoch(trainer, logged)))
 
 
@@ -444,6 +446,20 @@ def _ensure_val_loaders(trainer: RankTrainer) -> None:
         return
     trainer.val_dataloaders, trainer.num_val_batches = request_loaders(trainer, "val")
     trainer._val_requested = True
+    trainer._loaders_loaded_at["val"] = trainer.current_epoch
+
+
+def _reload_loaders_if_due(trainer: RankTrainer, epoch: int, resume: Resume) -> None:
+    """Lightning's reload_dataloaders_every_n_epochs: ask the hooks for new loaders once
+    that many epochs have passed since they were last asked (never mid-epoch)."""
+    every = trainer.config.reload_dataloaders_every_n_epochs
+    if not every or resume.mid_epoch:
+        return
+    loaded_at = trainer._loaders_loaded_at
+    if epoch - loaded_at.get("train", epoch) >= every:
+        trainer._load_train_loader()
+    if epoch - loaded_at.get("val", epoch) >= every:
+        trainer._val_requested = False  # the next validation asks again
 
 
 def _val_check_batches(trainer: RankTrainer) -> int:

@@ -84,6 +84,7 @@ class RankTrainer:
         self.num_training_batches: int | float = -1  # unknown until the train loader exists
         self.num_val_batches: list[int] = []
         self._loader_sources: dict[str, Any] = {}
+        self._loaders_loaded_at: dict[str, int] = {}  # kind -> the epoch it was last asked for
         self.ckpt_path: str | None = None  # the checkpoint this stage started from
         self._val_requested = False
         self._fitting = False
@@ -222,6 +223,18 @@ class RankTrainer:
         return self.config.limit_predict_batches
 
     @property
+    def overfit_batches(self) -> int | float:
+        return self.config.overfit_batches
+
+    @property
+    def reload_dataloaders_every_n_epochs(self) -> int:
+        return self.config.reload_dataloaders_every_n_epochs
+
+    @property
+    def barebones(self) -> bool:
+        return self.config.barebones
+
+    @property
     def min_steps(self) -> None:
         return None  # Trainer(min_steps=...) is not among raylight's flags
 
@@ -325,6 +338,7 @@ class RankTrainer:
         if not loaders:
             raise MisconfigurationException(NO_TRAIN_LOADER)
         self.train_dataloader, self.num_training_batches = loaders[0], limits[0]
+        self._loaders_loaded_at["train"] = self.current_epoch
         if self.num_training_batches == 0:
             self._notice(
                 f"Total length of `{type(loaders[0]).__name__}` across ranks is zero. Please "
@@ -347,6 +361,12 @@ class RankTrainer:
 
     # ---- services for hooks --------------------------------------------------------------
     def _log(self, fx: str | None, name: str, value: Any, **kwargs: Any) -> None:
+        if self.config.barebones:
+            self._notice(
+                "You are trying to `self.log()` but `Trainer(barebones=True)` is configured. "
+                "Logging can impact raw speed so it is disabled under this setting."
+            )
+            return
         if self._results is None:
             raise ValueError(
                 f"`self.log({name!r}, ...)` is only allowed inside a training, "

@@ -182,6 +182,10 @@ class Worker:
             # Lightning's Trainer(deterministic=True): deterministic kernels, or an error.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
+        if config.benchmark is not None:
+            torch.backends.cudnn.benchmark = config.benchmark
+        # Lightning's detect_anomaly covers the whole run on each rank.
+        torch.autograd.set_detect_anomaly(config.detect_anomaly)
         info = self._group_info
         device = _device(job["use_gpu"])
         trainer = self.trainer = RankTrainer(
@@ -221,6 +225,9 @@ class Worker:
                 trainer._poster = Poster(job["progress_board"])
             with contextlib.suppress(ValueError):  # signals reach only the main thread
                 trainer._stop_check.install_sigterm()
+            if config.sync_batchnorm:  # before DDP wraps it, as Lightning does
+                _check_sync_batchnorm(device)
+                module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
             trainer.strategy.setup_module(module, config.find_unused_parameters)
             self._configure_optimizers(trainer)
         # Where a restored fit continues, kept for the first train_epoch.
@@ -346,6 +353,14 @@ def _loopback_interface() -> str:
         if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addresses):
             return name
     return "lo"
+
+
+def _check_sync_batchnorm(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise MisconfigurationException(
+            "Trainer(sync_batchnorm=True) needs GPU workers: torch's SyncBatchNorm works only "
+            "with GPU modules under DDP. Use use_gpu=True, or leave sync_batchnorm off on CPU."
+        )
 
 
 def _device(use_gpu: bool) -> torch.device:

@@ -88,6 +88,13 @@ class TrainerConfig:
     # DistributedDataParallel's other arguments, from Trainer(strategy=DDPStrategy(...)).
     ddp_kwargs: dict[str, Any] = field(default_factory=dict)
     process_group_timeout_s: float = 1800.0
+    overfit_batches: int | float = 0.0
+    reload_dataloaders_every_n_epochs: int = 0
+    sync_batchnorm: bool = False
+    benchmark: bool | None = None
+    detect_anomaly: bool = False
+    profiler: str | None = None  # "simple": every rank times its hooks for the driver's table
+    barebones: bool = False
     global_seed: int | None = None
     run_id: str = ""  # one fit, across its restarts: tags its checkpoint index entries
 
@@ -195,7 +202,8 @@ def make_config(**flags: Any) -> TrainerConfig:  # noqa: C901 - one check per fl
         "num_sanity_val_steps", flags["num_sanity_val_steps"], -1
     )
     _check_int("accumulate_grad_batches", flags["accumulate_grad_batches"], 1)
-    _check_int("log_every_n_steps", flags["log_every_n_steps"], 1)
+    _check_int("log_every_n_steps", flags["log_every_n_steps"], 0)  # 0: no step rows
+    _check_int("reload_dataloaders_every_n_epochs", flags["reload_dataloaders_every_n_epochs"], 0)
     clip = flags["gradient_clip_val"]
     if clip is not None and (
         isinstance(clip, bool) or not isinstance(clip, int | float) or clip < 0
