@@ -2,6 +2,7 @@
 
 from raylight.callbacks.callback import Callback
 from raylight.callbacks.early_stopping import EarlyStopping
+from raylight.callbacks.finetuning import BackboneFinetuning, BaseFinetuning
 from raylight.callbacks.lambda_function import LambdaCallback
 from raylight.callbacks.lr_monitor import LearningRateMonitor
 from raylight.callbacks.model_checkpoint import ModelCheckpoint
@@ -9,6 +10,8 @@ from raylight.callbacks.model_summary import ModelSummary
 from raylight.callbacks.timer import Timer
 
 __all__ = [
+    "BackboneFinetuning",
+    "BaseFinetuning",
     "Callback",
     "EarlyStopping",
     "LambdaCallback",
