@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import pytest
 
 import raylight as pl
 from raylight.rank import hooks
+from raylight.shared.config import MisconfigurationException
 
 
 class Recording(pl.Callback):
@@ -128,3 +130,100 @@ def test_callback_only_hooks_reach_every_callback():
     trainer = _trainer([Sanity(), Sanity()], Module([]))
     hooks.call_callbacks(trainer, "on_sanity_check_start")
     assert seen == ["on_sanity_check_start"] * 2
+
+
+# ---- the step hooks take Lightning's optional arguments by their signature ---------------------
+def _passes_through(step):
+    @functools.wraps(step)
+    def wrapper(self, *args):
+        return step(self, *args)
+
+    return wrapper
+
+
+class Steps(pl.LightningModule):
+    @_passes_through  # read through the decorator, as Lightning does: no batch_idx
+    def training_step(self, batch):
+        return ("train", batch)
+
+    def validation_step(self, batch, *args):
+        return ("val", batch, args)
+
+    def test_step(self, batch, idx):  # any name: two arguments after self take batch_idx
+        return ("test", batch, idx)
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        return ("predict", batch, batch_idx, dataloader_idx)
+
+
+def test_steps_get_batch_idx_and_dataloader_idx_as_their_signature_asks():
+    trainer = _trainer([], Steps())
+    assert hooks.call_module(trainer, "training_step", "b", 5) == ("train", "b")
+    assert hooks.call_module(trainer, "validation_step", "b", 5) == ("val", "b", (5,))
+    assert hooks.call_module(trainer, "validation_step", "b", 5, 1) == ("val", "b", (5, 1))
+    assert hooks.call_module(trainer, "test_step", "b", 5) == ("test", "b", 5)
+    assert hooks.call_module(trainer, "predict_step", "b", 5) == ("predict", "b", 5, 0)
+    assert hooks.call_module(trainer, "predict_step", "b", 5, 1) == ("predict", "b", 5, 1)
+    # A step set on the instance is read for itself, not from the class's cached signature.
+    trainer.lightning_module.training_step = lambda batch, batch_idx: ("instance", batch_idx)
+    assert hooks.call_module(trainer, "training_step", "b", 5) == ("instance", 5)
+
+
+_SIGNATURES = {
+    "batch": lambda self, batch: (batch,),
+    "batch_idx": lambda self, batch, batch_idx: (batch, batch_idx),
+    "other_name": lambda self, batch, i: (batch, i),
+    "args": lambda self, batch, *args: (batch, *args),
+    "keyword_only": lambda self, batch, *, batch_idx=-1: (batch, batch_idx),
+    "idx_default": lambda self, batch, batch_idx, dataloader_idx=0: (
+        batch,
+        batch_idx,
+        dataloader_idx,
+    ),
+    "idx_required": lambda self, batch, batch_idx, dataloader_idx: (
+        batch,
+        batch_idx,
+        dataloader_idx,
+    ),
+    "idx_only": lambda self, batch, dataloader_idx=0: (batch, dataloader_idx),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SIGNATURES))
+@pytest.mark.parametrize("loaders", [1, 2])
+def test_step_arguments_and_errors_match_lightnings_loops(name, loaders):
+    pytest.importorskip("pytorch_lightning")
+    from pytorch_lightning.loops.utilities import _verify_dataloader_idx_requirement
+    from pytorch_lightning.trainer.states import RunningStage
+    from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
+
+    module = type("Stepper", (pl.LightningModule,), {"validation_step": _SIGNATURES[name]})()
+    step = module.validation_step
+    given = ("b", 5, 1) if loaders == 2 else ("b", 5)
+    # Lightning: check dataloader_idx first, then pass batch_idx only where the rule allows.
+    try:
+        _verify_dataloader_idx_requirement(
+            ("validation_step",), loaders > 1, RunningStage.VALIDATING, module
+        )
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError) as ours:
+            hooks.call_module(_trainer([], module), "validation_step", *given)
+        assert str(ours.value) == str(error)
+        return
+    wanted = given if is_param_in_hook_signature(step, "batch_idx", min_args=2) else given[::2]
+    try:
+        expected = step(*wanted)
+    except TypeError as error:  # Lightning passes what this signature cannot take
+        with pytest.raises(TypeError) as ours:
+            hooks.call_module(_trainer([], module), "validation_step", *given)
+        assert str(ours.value) == str(error)
+        return
+    assert hooks.call_module(_trainer([], module), "validation_step", *given) == expected
+
+
+def test_a_dataloader_iter_step_is_refused_with_the_signature_to_use():
+    module = type("Iter", (pl.LightningModule,), {"training_step": lambda self, dataloader_iter: 0})
+    with pytest.raises(
+        MisconfigurationException, match=r"dataloader_iter.*\(self, batch, batch_idx\)"
+    ):
+        hooks.call_module(_trainer([], module()), "training_step", "b", 0)

@@ -2,7 +2,8 @@
 
 Lightning's order is: callbacks first, then the module. For the epoch-end hooks that
 monitoring callbacks (checkpointing, early stopping) react to, those callbacks run
-after the module, so that they see what the module logged.
+after the module, so that they see what the module logged. The four step hooks get the
+optional ``batch_idx`` and ``dataloader_idx`` only as their signature asks, by Lightning's rule.
 
 These run several times per batch: ``_set_fx`` bypasses ``nn.Module.__setattr__``, whose
 parameter checks would otherwise be a visible share of a small model's step time.
@@ -10,10 +11,14 @@ parameter checks would otherwise be a visible share of a small model's step time
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from raylight.callbacks.callback import Callback
 from raylight.module import LightningModule
+from raylight.shared.config import MisconfigurationException
 
 if TYPE_CHECKING:  # a type only: rank_trainer imports this module
     from raylight.rank.rank_trainer import RankTrainer
@@ -79,13 +84,79 @@ def call_module(trainer: RankTrainer, hook: str, *args: Any, **kwargs: Any) -> A
     _set_fx(module, hook)
     trainer._current_hook = hook
     try:
-        return getattr(module, hook)(*args, **kwargs)
+        method = getattr(module, hook)
+        if hook in _STEP_LOADERS:
+            args = _step_args(module, method, hook, args)
+        return method(*args, **kwargs)
     except BaseException as error:
         tag_error(error, hook)
         raise
     finally:
         _set_fx(module, previous_fx)
         trainer._current_hook = previous_hook
+
+
+# The step hooks, and the name Lightning gives their loaders in its messages.
+_STEP_LOADERS = {
+    "training_step": "train",
+    "validation_step": "val",
+    "test_step": "test",
+    "predict_step": "predict",
+}
+
+
+class _StepSignature(NamedTuple):
+    takes_batch_idx: bool
+    takes_dataloader_idx: bool  # by name or through *args
+    requires_dataloader_idx: bool  # named, without a default
+
+
+def _step_args(
+    module: LightningModule, method: Callable[..., Any], hook: str, args: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """The loops pass ``(batch, batch_idx[, dataloader_idx])``; pass what the step takes, by
+    Lightning's rule: ``batch_idx`` only to a step that names it, has ``*args`` or takes two
+    arguments after ``self``; ``dataloader_idx`` (given with several loaders only) always."""
+    signature = _step_signature(getattr(method, "__func__", method))
+    if hook != "training_step":  # Lightning checks dataloader_idx on these steps only
+        _check_dataloader_idx(signature, type(module).__name__, hook, several=len(args) > 2)
+    return args if signature.takes_batch_idx else args[:1] + args[2:]
+
+
+def _check_dataloader_idx(signature: _StepSignature, owner: str, hook: str, several: bool) -> None:
+    loader = f"{_STEP_LOADERS[hook]}_dataloader"
+    if several and not signature.takes_dataloader_idx:
+        raise RuntimeError(
+            f"You provided multiple `{loader}`, but no `dataloader_idx` argument in "
+            f"`{owner}.{hook}()`. Try adding `dataloader_idx=0` to its signature."
+        )
+    if not several and signature.requires_dataloader_idx:
+        raise RuntimeError(
+            f"You provided only a single `{loader}`, but have included `dataloader_idx` in "
+            f"`{owner}.{hook}()`. Either remove the argument or give it a default value i.e. "
+            "`dataloader_idx=0`."
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _step_signature(function: Callable[..., Any]) -> _StepSignature:
+    """Read once per step function, since the steps run every batch. As Lightning's
+    ``is_param_in_hook_signature``: one decorator level unwrapped, the first argument
+    (``self``) left out."""
+    function = getattr(function, "__wrapped__", function)
+    spec = inspect.getfullargspec(function)
+    names = spec.args[1:]
+    if "dataloader_iter" in names:
+        raise MisconfigurationException(
+            f"{function.__qualname__}() takes `dataloader_iter`: raylight does not run "
+            "Lightning's experimental iterator-fed steps; take `(self, batch, batch_idx)` instead."
+        )
+    named = inspect.signature(function).parameters.get("dataloader_idx")
+    return _StepSignature(
+        takes_batch_idx="batch_idx" in names or spec.varargs is not None or len(names) >= 2,
+        takes_dataloader_idx="dataloader_idx" in names or spec.varargs is not None,
+        requires_dataloader_idx=named is not None and named.default is inspect.Parameter.empty,
+    )
 
 
 def call_callbacks(trainer: RankTrainer, hook: str, *args: Any) -> None:
