@@ -60,6 +60,8 @@ _REFUSED = {
     "param_to_hook_all_reduce": _DRIVER_PARAMETERS,
 }
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
+# Trainer(process_group_timeout_s)'s default: Lightning's default_pg_timeout, 30 minutes.
+_DEFAULT_TIMEOUT_S = 1800.0
 _DDP_ARGUMENTS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters) - {
     "self"
 }
@@ -182,7 +184,7 @@ def ddp_settings(strategy: Any, use_gpu: bool, process_group_timeout_s: float) -
     timeout_s = process_group_timeout_s
     if strategy._timeout is not None:
         timeout_s = strategy._timeout.total_seconds()
-        if process_group_timeout_s not in (1800.0, timeout_s):  # both set, and they disagree
+        if process_group_timeout_s not in (_DEFAULT_TIMEOUT_S, timeout_s):  # both set, apart
             raise MisconfigurationException(
                 f"DDPStrategy(timeout={strategy._timeout!r}) disagrees with "
                 f"Trainer(process_group_timeout_s={process_group_timeout_s}): set one only."
