@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -21,7 +22,7 @@ import torch
 
 from raylight.callbacks import Callback, ModelCheckpoint, ModelSummary
 from raylight.datamodule import LightningDataModule
-from raylight.driver import connect, lightning_flags, logger_relay, sharing
+from raylight.driver import connect, lightning_flags, logger_relay, profile_report, sharing
 from raylight.driver.display import ProgressDisplay
 from raylight.driver.fit import in_tune_trial, run_fit
 from raylight.driver.group import WorkerGroup
@@ -294,10 +295,12 @@ class Trainer:
         for callback in self.callbacks:
             callback._on_driver_fit_start(self, model)
         with self._in_call(), self._logging_run():
+            started = time.monotonic()
             if model.hparams and model._log_hyperparams:
                 for logger in self.loggers:
                     logger.log_hyperparams(dict(model.hparams))
             final = run_fit(self, model, datamodule, loaders, ckpt_path)
+            self._report_profile("fit", started)
         model.load_state_dict(final["state_dict"])
         attributes.apply(model, final["attributes"])  # as if model were rank 0's, as in Lightning
         for callback, trained in zip(self.callbacks, final["callbacks"], strict=True):
@@ -357,8 +360,10 @@ class Trainer:
         model, datamodule = self._resolve_eval_inputs("predict", model, dataloaders, datamodule)
         ckpt_path = self.ckpt_path = self._resolve_ckpt_path(ckpt_path, "predict")
         with self._in_call():
+            started = time.monotonic()
             group = self._prepare(model, datamodule, "predict", {"predict": dataloaders}, ckpt_path)
             per_rank = group.predict()
+            self._report_profile("predict", started)
             if self.loggers:  # what predict_step logged through self.logger
                 logger_relay.replay(self.loggers, group.metrics()["logger_calls"])
         merged = [sum((rank[i] for rank in per_rank), []) for i in range(len(per_rank[0]))]
@@ -469,8 +474,10 @@ class Trainer:
         loaders = {_STAGE_LOADER[stage]: dataloaders}
         ckpt_path = self.ckpt_path = self._resolve_ckpt_path(ckpt_path, stage)
         with self._in_call(), self._logging_run():
+            started = time.monotonic()
             group = self._prepare(model, datamodule, stage, loaders, ckpt_path)
             results = group.evaluate(stage)
+            self._report_profile(stage, started)
             self._absorb(group.metrics(), progress=False)
         if verbose and self.enable_progress_bar:
             print_results(stage, results)
@@ -603,6 +610,12 @@ class Trainer:
             for logger in self.loggers:
                 logger.log_metrics(row, step)
         logger_relay.replay(self.loggers, summary["logger_calls"])
+
+    def _report_profile(self, stage: str, started: float) -> None:
+        """Trainer(profiler="simple"): the table of this call's hook timings on every rank."""
+        if self.config.profiler is None or self._group is None or not self._group.actors:
+            return
+        profile_report.print_report(stage, self._group.profile(), time.monotonic() - started)
 
     def _warn_notices(self, notices: list[str] | None) -> None:
         """Rank 0's warnings (Lightning's, for fits that would otherwise do nothing

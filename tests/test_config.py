@@ -30,7 +30,7 @@ from raylight.shared.config import MisconfigurationException, make_scaling
         ({"check_val_every_n_epoch": 0}, "check_val_every_n_epoch"),
         ({"num_sanity_val_steps": -2}, "num_sanity_val_steps"),
         ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
-        ({"log_every_n_steps": 0}, "log_every_n_steps"),
+        ({"log_every_n_steps": -1}, "log_every_n_steps"),  # 0 is Lightning's "no step rows"
         ({"gradient_clip_val": -1}, "gradient_clip_val"),
         ({"gradient_clip_algorithm": "foo"}, "gradient_clip_algorithm"),
         ({"precision": "64"}, "precision"),

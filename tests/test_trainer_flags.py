@@ -12,6 +12,7 @@ from models import Classifier, IndexedDataset, loader, make_dataset
 from torch.utils.data import DataLoader, DistributedSampler
 
 import raylight as pl
+from raylight.driver import profile_report
 from raylight.shared.config import MisconfigurationException
 
 
@@ -184,3 +185,49 @@ def test_sync_batchnorm_averages_statistics_over_every_rank(ray_session, tmp_pat
     # One step over the whole data set (16 samples on each rank): momentum 0.1 from zero.
     expected = 0.1 * data.tensors[0].mean(0)
     assert torch.allclose(model.norm.running_mean.cpu(), expected, atol=1e-6)
+
+
+def test_profile_report_reads_every_ranks_figures():
+    per_rank = [
+        {"[LightningModule]M.training_step": [4, 2.0], "run_training_epoch": [1, 3.0]},
+        {"[LightningModule]M.training_step": [4, 6.0], "run_training_epoch": [1, 7.0]},
+    ]
+    table = profile_report.report("fit", per_rank, 10.0)
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if "|" in line}
+    cells = [cell.strip() for cell in lines["[LightningModule]M.training_step"].split("|")[1:-1]]
+    # mean over all 8 calls, one rank's calls, the slowest rank's total, its rank, its share
+    assert cells == ["[LightningModule]M.training_step", "1", "4", "6", "1", "60 %"]
+    assert table.startswith("FIT Profiler Report (2 ranks)")
+    assert table.index("run_training_epoch") < table.index("M.training_step")  # by total
+
+
+class Profiled(Classifier):
+    def on_train_epoch_end(self):
+        with self.trainer.profiler.profile("my_block"):
+            pass
+
+
+@pytest.mark.slow
+def test_simple_profiler_prints_every_hook_of_every_rank(ray_session, tmp_path, capsys):
+    trainer = pl.Trainer(
+        num_workers=2,
+        max_epochs=2,
+        profiler="simple",
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        logger=False,
+    )
+    trainer.fit(Profiled(), loader(), loader())
+    trainer.test(Profiled(), loader())
+    err = capsys.readouterr().err
+    fit_report = err[err.index("FIT Profiler Report (2 ranks)") : err.index("TEST Profiler")]
+
+    def calls(action):
+        row = next(line for line in fit_report.splitlines() if f"|  {action} " in line)
+        return int(row.split("|")[3])
+
+    assert calls("[LightningModule]Profiled.training_step") == 4 * 2  # batches a rank x epochs
+    assert calls("run_training_epoch") == 2
+    assert calls("my_block") == 2
+    assert calls("[Callback]ModelCheckpoint.on_train_epoch_end") == 2
+    assert "[LightningModule]Profiled.test_step" in err[err.index("TEST Profiler") :]

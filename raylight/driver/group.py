@@ -296,6 +296,10 @@ class WorkerGroup:
     def metrics(self) -> dict[str, Any]:
         return self.run_on_ranks([0], Worker.metrics)[0]
 
+    def profile(self) -> list[dict[str, list[float]]]:
+        """Every rank's hook timings, in rank order (Trainer(profiler="simple"))."""
+        return self.run_on_all(Worker.profile, what="profile")
+
     def save_checkpoint(self, path: str, weights_only: bool, what: str) -> None:
         self.run_on_all(Worker.save_checkpoint, path, weights_only, what=what)
 

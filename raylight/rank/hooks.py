@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -40,12 +41,19 @@ def call(trainer: RankTrainer, hook: str, *args: Any, part: str = "all") -> Any:
     _set_fx(module, hook)
     trainer._current_hook = hook
     output = None
+    profile = trainer._profile
     try:
         for target in targets:
             if target is module:
-                output = getattr(module, hook)(*args)
+                method, call_args = getattr(module, hook), args
             else:
-                getattr(target, hook)(trainer, module, *args)
+                method, call_args = getattr(target, hook), (trainer, module, *args)
+            if profile is None:
+                result = method(*call_args)
+            else:
+                result = timed(profile, _action(target, hook), method, *call_args)
+            if target is module:
+                output = result
         return output
     except BaseException as error:
         tag_error(error, hook)
@@ -87,6 +95,8 @@ def call_module(trainer: RankTrainer, hook: str, *args: Any, **kwargs: Any) -> A
         method = getattr(module, hook)
         if hook in _STEP_LOADERS:
             args = _step_args(module, method, hook, args)
+        if trainer._profile is not None:
+            return timed(trainer._profile, _action(module, hook), method, *args, **kwargs)
         return method(*args, **kwargs)
     except BaseException as error:
         tag_error(error, hook)
@@ -166,7 +176,11 @@ def call_callbacks(trainer: RankTrainer, hook: str, *args: Any) -> None:
     trainer._current_hook = hook
     try:
         for callback in trainer.callbacks:
-            getattr(callback, hook)(trainer, module, *args)
+            if trainer._profile is not None:
+                method = getattr(callback, hook)
+                timed(trainer._profile, _action(callback, hook), method, trainer, module, *args)
+            else:
+                getattr(callback, hook)(trainer, module, *args)
     except BaseException as error:
         tag_error(error, hook)
         raise
@@ -181,12 +195,40 @@ def call_datamodule(trainer: RankTrainer, hook: str, *args: Any) -> Any:
     previous_hook = trainer._current_hook
     trainer._current_hook = f"{type(datamodule).__name__}.{hook}"
     try:
+        if trainer._profile is not None:
+            method = getattr(datamodule, hook)
+            return timed(trainer._profile, _action(datamodule, hook), method, *args)
         return getattr(datamodule, hook)(*args)
     except BaseException as error:
         tag_error(error, f"{type(datamodule).__name__}.{hook}")
         raise
     finally:
         trainer._current_hook = previous_hook
+
+
+def timed(
+    profile: dict[str, list[float]], action: str, method: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """Trainer(profiler="simple"): run ``method`` and add its time to ``profile[action]``
+    (``[calls, seconds]``), as Lightning's SimpleProfiler does for each hook."""
+    start = time.perf_counter()
+    try:
+        return method(*args, **kwargs)
+    finally:
+        figures = profile.setdefault(action, [0, 0.0])
+        figures[0] += 1
+        figures[1] += time.perf_counter() - start
+
+
+def _action(owner: Any, hook: str) -> str:
+    """Lightning's SimpleProfiler names: ``[LightningModule]Model.training_step`` and so on."""
+    if isinstance(owner, LightningModule):
+        kind = "LightningModule"
+    elif isinstance(owner, Callback):
+        kind = "Callback"
+    else:
+        kind = "LightningDataModule"
+    return f"[{kind}]{type(owner).__name__}.{hook}"
 
 
 def _is_monitoring(callback: Any) -> bool:

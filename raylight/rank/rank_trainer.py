@@ -9,6 +9,9 @@ one round trip hands to the next (a restored checkpoint's position) stays on the
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,9 +52,29 @@ _DRIVER_ONLY = {
     "state": "use trainer.training / validating / testing / predicting / sanity_checking.",
     "accelerator": "the device is trainer.device (trainer.strategy.root_device).",
     "scaler": "mixed precision is trainer.precision_plugin (its scaler is internal).",
-    "profiler": "Trainer(profiler=...) is not among raylight's flags.",
     "init_module": "create the model in the script (or in configure_model).",
 }
+
+
+class _Profiler:
+    """``trainer.profiler``: ``with trainer.profiler.profile("name"):`` times a block into
+    the simple profiler's table, and does nothing when the Trainer has no profiler."""
+
+    def __init__(self, figures: dict[str, list[float]] | None) -> None:
+        self._figures = figures
+
+    @contextlib.contextmanager
+    def profile(self, action: str) -> Iterator[None]:
+        if self._figures is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            figures = self._figures.setdefault(action, [0, 0.0])
+            figures[0] += 1
+            figures[1] += time.perf_counter() - start
 
 
 class RankTrainer:
@@ -125,6 +148,9 @@ class RankTrainer:
         self._batch_hook_owners: dict[str, bool] = {}  # see loops._transfer_hook
         self._batch_idx: int | None = None
         self._is_last_batch = False  # the current training batch is the epoch's last
+        # Trainer(profiler="simple"): action -> [calls, seconds] on this rank (hooks.timed).
+        self._profile: dict[str, list[float]] | None = {} if config.profiler else None
+        self.profiler = _Profiler(self._profile)
         self.num_test_batches: list[int] = []
         self.num_predict_batches: list[int] = []
         self.num_nodes = 1  # set by the worker from its group

@@ -282,6 +282,11 @@ class Worker:
     @_with_rank_context
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         resume, self._resume = self._resume, None
+        if self.trainer._profile is not None:  # Lightning's name for a whole training epoch
+            run = loops.train_epoch
+            return hooks.timed(
+                self.trainer._profile, "run_training_epoch", run, self.trainer, epoch, resume
+            )
         return loops.train_epoch(self.trainer, epoch, resume)
 
     @_with_rank_context
@@ -328,6 +333,16 @@ class Worker:
     @_with_rank_context
     def metrics(self) -> dict[str, Any]:
         return loops.epoch_summary(self.trainer)
+
+    @_with_rank_context
+    def profile(self) -> dict[str, list[float]]:
+        """This rank's timings since the last call (Trainer(profiler="simple"))."""
+        figures = self.trainer._profile
+        if figures is None:
+            return {}
+        taken = {action: list(values) for action, values in figures.items()}
+        figures.clear()  # the dict trainer.profiler writes into stays the same object
+        return taken
 
     @_with_rank_context
     def flush_checkpoints(self) -> None:
