@@ -36,7 +36,9 @@ if TYPE_CHECKING:  # a type only: rank_trainer imports this module
     from raylight.rank.rank_trainer import RankTrainer
 
 
-def build(trainer: RankTrainer, weights_only: bool = False) -> dict[str, Any]:
+def build(trainer: RankTrainer, weights_only: bool = False, local: bool = False) -> dict[str, Any]:
+    """This rank's checkpoint; ``local`` leaves out the other ranks' generator states, whose
+    gathering is a collective that a rank handling its own exception cannot count on."""
     module = trainer.lightning_module
     next_epoch, batches_done = trainer._resume_point
     checkpoint: dict[str, Any] = {
@@ -51,7 +53,7 @@ def build(trainer: RankTrainer, weights_only: bool = False) -> dict[str, Any]:
             "batches_done": batches_done,
             "batches_that_stepped": trainer._batches_that_stepped,
             "world_size": trainer.world_size,
-            "rng_states": _gather_rng(trainer),
+            "rng_states": [capture_rng()] if local else _gather_rng(trainer),
         },
         "loops": lightning_loops(
             next_epoch,
