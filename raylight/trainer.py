@@ -23,7 +23,7 @@ import torch
 from raylight.callbacks import Callback, ModelCheckpoint, ModelSummary
 from raylight.datamodule import LightningDataModule
 from raylight.driver import connect, lightning_flags, logger_relay, profile_report, sharing
-from raylight.driver.display import ProgressDisplay
+from raylight.driver.display import ProgressDisplay, progress_bar_of
 from raylight.driver.fit import in_tune_trial, run_fit
 from raylight.driver.group import WorkerGroup
 from raylight.driver.inputs import (
@@ -196,6 +196,7 @@ class Trainer:
                     "subclass raylight.Callback."
                 )
         self.enable_progress_bar = True if enable_progress_bar is None else enable_progress_bar
+        progress_bar = progress_bar_of(self.callbacks, self.enable_progress_bar)
         self.enable_checkpointing = enable_checkpointing is not False
         if enable_model_summary is not False and not any(
             isinstance(cb, ModelSummary) for cb in self.callbacks
@@ -234,7 +235,7 @@ class Trainer:
         self._busy = False  # inside one of the Trainer's calls (sharing leaves it alone then)
         self._released = False  # a fit's workers were stopped for another Trainer's sake
         self.ckpt_path: str | None = None  # the checkpoint the latest call started from
-        self._display = ProgressDisplay(self.enable_progress_bar)
+        self._display = ProgressDisplay(self.enable_progress_bar, bar=progress_bar)
         self._in_tune = False  # this fit runs inside a Ray Tune trial
         self.lightning_module: LightningModule | None = None
         self.datamodule: LightningDataModule | None = None

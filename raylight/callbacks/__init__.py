@@ -1,4 +1,5 @@
-"""Callbacks: their hooks run on every worker rank (ModelSummary prints on the driver)."""
+"""Callbacks: their hooks run on every worker rank (ModelSummary prints on the driver; the
+progress bar callbacks configure the driver's bar)."""
 
 from raylight.callbacks.callback import Callback
 from raylight.callbacks.device_stats_monitor import DeviceStatsMonitor
@@ -11,6 +12,12 @@ from raylight.callbacks.model_checkpoint import ModelCheckpoint
 from raylight.callbacks.model_summary import ModelSummary
 from raylight.callbacks.on_exception_checkpoint import OnExceptionCheckpoint
 from raylight.callbacks.prediction_writer import BasePredictionWriter
+from raylight.callbacks.progress import (
+    ProgressBar,
+    RichProgressBar,
+    RichProgressBarTheme,
+    TQDMProgressBar,
+)
 from raylight.callbacks.timer import Timer
 
 __all__ = [
@@ -26,5 +33,9 @@ __all__ = [
     "ModelCheckpoint",
     "ModelSummary",
     "OnExceptionCheckpoint",
+    "ProgressBar",
+    "RichProgressBar",
+    "RichProgressBarTheme",
+    "TQDMProgressBar",
     "Timer",
 ]

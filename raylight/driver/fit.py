@@ -19,7 +19,6 @@ from typing import Any
 import ray
 
 from raylight.driver.controller import FitController, FitGroup, State
-from raylight.driver.display import ProgressDisplay
 from raylight.shared import checkpoint_index, storage
 
 
@@ -45,7 +44,7 @@ def run_fit(
 
         # PBT's exploit, or a restarted trial: held under default_root_dir during the fit.
         given = tune.checkpoint_from_tune(trainer.config.default_root_dir)
-    trainer._display = ProgressDisplay(trainer.enable_progress_bar)
+    trainer._display.start(trainer.enable_progress_bar)
     with given as ckpt_path, stop_on_signals(fit.on_signal), contextlib.closing(trainer._display):
         controller = FitController(
             fit, ckpt_path, trainer.max_failures, trainer.elastic_check_interval
