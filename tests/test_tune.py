@@ -51,7 +51,9 @@ def _train(config):
     trainer = _trial_trainer(
         num_workers=2,
         max_epochs=2,
-        placement_timeout_s=10,  # its own 2 workers beside the trial's 3 CPUs would not fit
+        # Its own 2 workers beside the trial's 3 CPUs would not fit: asking for them fails
+        # within this bound. Not shorter: on a loaded machine a worker takes over 10 s to start.
+        placement_timeout_s=45,
     )
     trainer.fit(Classifier(lr=config["lr"]), datamodule=DataModule(n=64))
 
