@@ -516,7 +516,7 @@ class Trainer:
         for callback in (cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)):
             # Lightning's default: the logger's version directory, else default_root_dir.
             if callback.dirpath is None:
-                root = self.log_dir if self.loggers else self.config.default_root_dir
+                root = (self.log_dir if self.loggers else None) or self.config.default_root_dir
                 callback.dirpath = storage.join(root, "checkpoints")
             callback.dirpath = storage.absolute(callback.dirpath)
             storage.check_reachable(callback.dirpath)
