@@ -18,6 +18,7 @@ from raylight.callbacks.progress import (
     RichProgressBarTheme,
     TQDMProgressBar,
 )
+from raylight.callbacks.stochastic_weight_avg import StochasticWeightAveraging
 from raylight.callbacks.timer import Timer
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "ProgressBar",
     "RichProgressBar",
     "RichProgressBarTheme",
+    "StochasticWeightAveraging",
     "TQDMProgressBar",
     "Timer",
 ]
