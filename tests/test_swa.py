@@ -10,7 +10,7 @@ from models import loader
 from pytorch_lightning.callbacks import StochasticWeightAveraging as LightningSWA
 
 import raylight as pl
-from raylight.callbacks import Callback, StochasticWeightAveraging
+from raylight.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
 from raylight.shared.config import MisconfigurationException
 
 lightning = pytest.importorskip("pytorch_lightning")
@@ -139,16 +139,36 @@ def test_one_worker_matches_lightning(ray_session, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_end_with_the_same_average(ray_session):
+def test_two_ranks_end_with_the_same_average_and_resume_exactly(ray_session, tmp_path):
     torch.manual_seed(0)
-    model, final = Net(), FinalWeights()
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    _trainer([_swa(), final], num_workers=2).fit(model, loader(shuffle=True))
+    initial = Net().state_dict()
+
+    def fresh() -> Net:
+        module = Net()
+        module.load_state_dict(initial)
+        return module
+
+    straight, final = fresh(), FinalWeights()
+    _trainer([_swa(), final], num_workers=2).fit(straight, loader(shuffle=True))
     assert final.max_difference == 0.0
     assert final.averaged  # rank 0's callback came back with its average
     for name, value in final.averaged.items():
-        assert torch.equal(model.state_dict()[name], value), name
-    assert not torch.equal(model.net[0].weight, initial["net.0.weight"])
+        assert torch.equal(straight.get_parameter(name), value), name
+    assert not torch.equal(straight.net[0].weight, initial["net.0.weight"])
     # each rank ran its 4 batches, then the ranks' statistics were averaged
-    assert int(model.net[1].num_batches_tracked) == 4
-    assert not torch.equal(model.net[1].running_var, initial["net.1.running_var"])
+    assert int(straight.net[1].num_batches_tracked) == 4
+    assert not torch.equal(straight.net[1].running_var, initial["net.1.running_var"])
+
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    _trainer([_swa(), every_epoch], num_workers=2, max_epochs=3, enable_checkpointing=True).fit(
+        fresh(), loader(shuffle=True)
+    )
+    middle = tmp_path / "epoch=1-step=8.ckpt"  # SWALR, and the average of one epoch
+    (state,) = (v for k, v in torch.load(middle)["callbacks"].items() if "Stochastic" in k)
+    assert state["n_averaged"] == 1 and state["scheduler_state"] is not None
+
+    resumed, swa = fresh(), _swa()
+    _trainer([swa], num_workers=2).fit(resumed, loader(shuffle=True), ckpt_path=middle)
+    assert int(swa.n_averaged) == 3
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
