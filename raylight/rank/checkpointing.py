@@ -22,7 +22,7 @@ import torch.distributed as dist
 from raylight.rank import hooks
 from raylight.rank.data import sampler_order_args
 from raylight.seed import capture_rng
-from raylight.shared import storage
+from raylight.shared import shipping, storage
 from raylight.shared.checkpoint import (
     LIGHTNING_VERSION,
     RAYLIGHT_VERSION,
@@ -84,6 +84,9 @@ def build(trainer: RankTrainer, weights_only: bool = False, local: bool = False)
     if module.hparams:
         checkpoint["hparams_name"] = module._hparams_name
         checkpoint["hyper_parameters"] = dict(module.hparams)
+        # Classes and functions of the driver's script get their script names here, so
+        # that torch.save refers to them as Lightning's checkpoint does.
+        shipping.name_script_objects(checkpoint["hyper_parameters"])
     if trainer.datamodule is not None:
         checkpoint[type(trainer.datamodule).__qualname__] = trainer.datamodule.state_dict()
     return checkpoint
@@ -238,8 +241,10 @@ class Resume:
 def restore(trainer: RankTrainer, filepath: str, stage: str) -> Resume | None:
     """Lightning's order: weights, ``on_load_checkpoint``, callbacks, optimizers, progress.
     For ``fit``, returns where the fit continues."""
-    checkpoint = load(filepath)
     module = trainer.lightning_module
+    # The hyperparameters' script classes, by name, as the checkpoint refers to them.
+    shipping.name_script_objects(dict(module.hparams))
+    checkpoint = load(filepath)
     # Lightning's order: the module's hook may rewrite the checkpoint before the weights load.
     hooks.call_module(trainer, "on_load_checkpoint", checkpoint)
     load_weights(module, checkpoint["state_dict"], filepath, module.strict_loading)

@@ -6,6 +6,11 @@ so ``pytorch_lightning`` can read what raylight writes. raylight's own position 
 lives under the ``raylight`` key; a Lightning-shaped ``loops`` entry carries the same
 position for pytorch-lightning readers.
 
+Checkpoints load ``weights_only``: nothing they name runs. The one widening is Lightning's
+hyperparameters, which may hold classes and functions (``encoder_class=Encoder``): those
+that the hyperparameters refer to, and only as plain references, are resolved from the
+modules this process has imported (``_load_weights_only``).
+
 Pure data and storage: this module imports only torch and ``storage``, so that
 ``LightningModule.load_from_checkpoint`` can use it without the engine. Building a
 checkpoint from a rank's state and restoring one into it is ``rank/checkpointing.py``.
@@ -13,7 +18,12 @@ checkpoint from a rank's state and restoring one into it is ``rank/checkpointing
 
 from __future__ import annotations
 
+import _compat_pickle
+import inspect
 import io
+import pickle
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,6 +32,8 @@ from raylight.shared import storage
 
 LIGHTNING_VERSION = "2.6.0"  # the format version pytorch-lightning readers check
 RAYLIGHT_VERSION = "0.1.0"
+# Where Lightning keeps the module's and the datamodule's hyperparameters.
+HPARAMS_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
 
 
 def _progress(value: int, *, completed: int | None = None, fields: int = 4) -> dict[str, int]:
@@ -118,13 +130,142 @@ def load(filepath: str) -> dict[str, Any]:
         )
     data = storage.read_bytes(filepath)
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return _load_weights_only(data)
+    except _Refused as refusal:
+        raise pickle.UnpicklingError(
+            f"Checkpoint at {storage.redact(filepath)} was not loaded: {refusal}"
+        ) from None
     except Exception as error:
         raise RuntimeError(
             f"Checkpoint at {storage.redact(filepath)} could not be read "
             f"({type(error).__name__}: {storage.redact(str(error))}). It is truncated, corrupt "
             "or holds custom objects that weights_only loading refuses."
         ) from None
+
+
+class _Refused(Exception):
+    """A checkpoint names something weights_only loading must not let in."""
+
+
+class _StandIn:
+    """Takes the place of a global the checkpoint names while it is first read. It is inert:
+    unpickling that would call it or build an object from it raises, so nothing runs."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _load_weights_only(data: bytes) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``, also for hyperparameters that hold classes and
+    functions (as ``save_hyperparameters`` keeps ``encoder_class=Encoder``): beyond
+    Lightning, which leaves such a checkpoint to ``weights_only=False`` and so to arbitrary
+    unpickling. Each global torch does not allow is read as an inert stand-in first; it is
+    let in only where it is a plain reference inside the hyperparameters (never called, never
+    built into an object, nowhere else in the checkpoint) and names a class or function this
+    process has imported, which then takes the stand-in's place."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+    except ValueError:  # not torch.save's zip format (a legacy file): torch.load judges it
+        unsafe = []
+    if not unsafe:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    stand_ins = [(_StandIn(name), name) for name in unsafe]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (TypeError, pickle.UnpicklingError) as error:
+        raise _Refused(
+            f"it names {sorted(unsafe)}, and builds objects from them ({error}). weights_only "
+            "loading allows, beyond tensors and plain data, only classes and functions that "
+            "its hyperparameters refer to. Save such objects' settings instead, or leave them "
+            "out with save_hyperparameters(ignore=[...])."
+        ) from None
+    elsewhere = {k: v for k, v in checkpoint.items() if k not in HPARAMS_KEYS}
+    outside = {stand_in.name for stand_in in _stand_ins(elsewhere)}
+    inside = {s.name for key in HPARAMS_KEYS for s in _stand_ins(checkpoint.get(key))}
+    if outside or inside != set(unsafe):
+        names = sorted(outside or set(unsafe) - inside)
+        raise _Refused(
+            f"it names {names} outside its hyperparameters, which weights_only loading "
+            "refuses: it is not a checkpoint of raylight or Lightning, or was changed since."
+        )
+    resolved = {name: _resolve(name) for name in unsafe}
+    for key in HPARAMS_KEYS:
+        if key in checkpoint:
+            checkpoint[key] = _replace(checkpoint[key], resolved, {})
+    return checkpoint
+
+
+def _children(value: Any) -> list[Any]:
+    """The items of the containers weights_only loading builds (dict keys too)."""
+    if isinstance(value, dict):
+        return [*value.keys(), *value.values()]
+    if isinstance(value, list | tuple | set | frozenset):
+        return list(value)
+    return []
+
+
+def _stand_ins(value: Any) -> Iterator[_StandIn]:
+    pending, seen = [value], set()
+    while pending:
+        item = pending.pop()
+        if isinstance(item, _StandIn):
+            yield item
+        elif id(item) not in seen:
+            seen.add(id(item))
+            pending += _children(item)
+
+
+def _replace(value: Any, resolved: dict[str, Any], done: dict[int, tuple[Any, Any]]) -> Any:
+    """``value`` with its stand-ins resolved. Dicts and lists change in place and a tuple or
+    set is rebuilt once, so that what the unpickler shared stays shared; ``done`` maps each
+    container seen to (itself, kept alive so that its id stays its own; its replacement)."""
+    if isinstance(value, _StandIn):
+        return resolved[value.name]
+    if id(value) in done:
+        return done[id(value)][1]
+    if isinstance(value, dict):
+        done[id(value)] = (value, value)
+        items = [
+            (_replace(k, resolved, done), _replace(v, resolved, done)) for k, v in value.items()
+        ]
+        value.clear()
+        value.update(items)
+    elif isinstance(value, list):
+        done[id(value)] = (value, value)
+        value[:] = [_replace(item, resolved, done) for item in value]
+    elif type(value) in (tuple, set, frozenset):
+        done[id(value)] = (value, type(value)(_replace(item, resolved, done) for item in value))
+        return done[id(value)][1]
+    return value
+
+
+def _resolve(name: str) -> Any:
+    """The class or function pickle would find under ``name`` (``module.qualname``), from
+    the modules this process has imported: loading imports nothing a checkpoint names."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        # protocol 2 writes Python 2's names for some modules, as pickle maps them back
+        module = sys.modules.get(_compat_pickle.IMPORT_MAPPING.get(module_name, module_name))
+        found = module
+        for attribute in parts[cut:]:
+            found = getattr(found, attribute, None)
+        if module is None or found is None:
+            continue
+        if not (inspect.isclass(found) or inspect.isfunction(found)):
+            raise _Refused(
+                f"its hyperparameters name {name}, which here is a "
+                f"{type(found).__name__}, not a class or function."
+            )
+        return found
+    raise _Refused(
+        f"its hyperparameters name {name}, which is not defined in this process. Import or "
+        "define it before loading, as the script that saved the checkpoint did (a class "
+        "defined in that script belongs in the loading script too, or in a module both import)."
+    )
 
 
 def load_weights(module: Any, state_dict: dict[str, Any], filepath: str, strict: bool) -> None:

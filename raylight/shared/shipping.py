@@ -8,15 +8,22 @@ folder, an editable install) to ``ray.init`` as the job's ``py_modules``, unless
 already carries code (``ray job submit --working-dir``, or a ``runtime_env`` of the user's).
 Installed packages are not shipped: the cluster must have them, and ``version_mismatches``
 says when its versions differ.
+
+Classes and functions of the driver's script that hyperparameters hold are given their
+script names on the rank (``name_script_objects``), so that a checkpoint pickles them as
+Lightning does.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import pickle
 import site
 import sys
 import sysconfig
+from collections.abc import Iterator
 from typing import Any
 
 VERSIONED = ("raylight", "torch", "ray")
@@ -122,3 +129,59 @@ def _source(module: Any) -> str | None:
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+# ---- the driver's script on the ranks ---------------------------------------------------------
+
+# The one process-wide fact here: the names ``name_script_objects`` gave in ``__main__``.
+_named: dict[str, Any] = {}
+
+
+def name_script_objects(values: Any) -> None:
+    """Give the classes and functions of the driver's script that ``values`` hold (directly,
+    in containers, or as an object's class) their script names in this process's
+    ``__main__``.
+
+    On the driver such a class is ``__main__.Encoder``, and pickle refers to it by that name
+    (Lightning's checkpoint does). Ray ships it to a rank by value, where ``__main__`` is Ray's
+    worker module, which has no ``Encoder``: ``torch.save`` would fail there, and a rank could
+    not load such a checkpoint. Naming the shipped class in the rank's ``__main__`` makes
+    both work and writes the same reference Lightning writes. Only names the rank's
+    ``__main__`` lacks, or that an earlier job's copy holds, are set; a name it uses for
+    another object is an error, never overwritten. Nested and local classes (``A.B``, ``f.<locals>.C``) are left alone: pickle
+    cannot refer to them by name in Lightning's checkpoint either.
+    """
+    main = sys.modules["__main__"]
+    for found in _script_objects(values):
+        present = getattr(main, found.__qualname__, found)
+        # A later job on this rank brings its own copy of a function (cloudpickle keeps one
+        # identity for classes only): it takes the place of the copy named before.
+        if present is not found and _named.get(found.__qualname__) is not present:
+            raise pickle.PicklingError(
+                f"The hyperparameters hold {found.__qualname__} from the driver's script, but "
+                f"__main__ on the Ray worker already has another {found.__qualname__!r}, so a "
+                "checkpoint cannot refer to it by name. Rename it, or define it in a module of "
+                "its own that the script imports."
+            )
+        setattr(main, found.__qualname__, found)
+        _named[found.__qualname__] = found
+
+
+def _script_objects(values: Any) -> Iterator[Any]:
+    pending, seen = [values], set()
+    while pending:
+        value = pending.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if inspect.isclass(value) or inspect.isfunction(value):
+            if value.__module__ == "__main__" and value.__qualname__.isidentifier():
+                yield value
+            continue
+        pending.append(type(value))  # an object pickles its class by name
+        if isinstance(value, dict):
+            pending += [*value.keys(), *value.values()]
+        elif isinstance(value, list | tuple | set | frozenset):
+            pending += list(value)
+        elif isinstance(getattr(value, "__dict__", None), dict):
+            pending += list(vars(value).values())
