@@ -9,6 +9,7 @@ from raylight.datamodule import LightningDataModule
 from raylight.module import LightningModule
 from raylight.seed import seed_everything
 from raylight.trainer import Trainer
+from raylight.utilities.logo import cli_lightning_logo
 
 __version__ = "0.1.0"
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "LightningModule",
     "Trainer",
     "callbacks",
+    "cli_lightning_logo",
     "seed_everything",
 ]

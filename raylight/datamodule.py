@@ -8,7 +8,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from raylight.module import _missing_loader
+from raylight.module import AttributeDict, LightningModule, _missing_loader
 
 
 class LightningDataModule:
@@ -21,6 +21,21 @@ class LightningDataModule:
 
     def __init__(self) -> None:
         self.trainer: Any = None
+        self._hparams = AttributeDict()
+        self._hparams_initial = AttributeDict()
+        self._log_hyperparams = True
+
+    # Lightning's HyperparametersMixin, which modules and datamodules share: the very same
+    # function, so that it finds the caller's __init__ one frame up.
+    save_hyperparameters = LightningModule.save_hyperparameters
+
+    @property
+    def hparams(self) -> AttributeDict:
+        return self.__dict__.setdefault("_hparams", AttributeDict())
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        return self.__dict__.setdefault("_hparams_initial", AttributeDict())
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -297,9 +297,10 @@ class Trainer:
             callback._on_driver_fit_start(self, model)
         with self._in_call(), self._logging_run():
             started = time.monotonic()
-            if model.hparams and model._log_hyperparams:
+            hparams = logger_relay.hyperparameters(model, datamodule)
+            if hparams:
                 for logger in self.loggers:
-                    logger.log_hyperparams(dict(model.hparams))
+                    logger.log_hyperparams(hparams)
             final = run_fit(self, model, datamodule, loaders, ckpt_path)
             self._report_profile("fit", started)
         model.load_state_dict(final["state_dict"])
@@ -550,7 +551,7 @@ class Trainer:
             "log_dir": self.log_dir,
             "position": (self.current_epoch, self.global_step, self._batches_that_stepped),
             "stop_flag": self._board if fitting else None,
-            "progress_board": self._board if fitting and self.enable_progress_bar else None,
+            "progress_board": self._board if fitting and self._display.enabled else None,
         }
         job_ref = put_checked(job)
         self._warn_notices(group.setup(job_ref, stage))

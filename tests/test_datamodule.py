@@ -111,3 +111,41 @@ def test_a_fit_trains_on_a_datamodule_from_datasets(ray_session, tmp_path):
     assert trainer.global_step == 64 // 2 // 8  # each rank reads its half of the shuffled set
     assert "val_loss" in trainer.callback_metrics
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+class _Settings(LightningDataModule):
+    def __init__(self, data_dir: str = "data", batch_size: int = 8, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore="seed")
+
+
+def test_a_datamodule_saves_hyperparameters_as_lightnings():
+    import pytorch_lightning as lightning
+
+    class Theirs(lightning.LightningDataModule):
+        def __init__(self, data_dir: str = "data", batch_size: int = 8, seed: int = 0):
+            super().__init__()
+            self.save_hyperparameters(ignore="seed")
+
+    ours, theirs = _Settings(batch_size=4), Theirs(batch_size=4)
+    assert dict(ours.hparams) == dict(theirs.hparams) == {"data_dir": "data", "batch_size": 4}
+    assert ours.hparams.batch_size == 4 and dict(ours.hparams_initial) == dict(ours.hparams)
+    assert pickle.loads(pickle.dumps(ours)).hparams == ours.hparams
+
+
+def test_fit_logs_the_module_and_datamodule_hyperparameters_merged():
+    from models import Classifier
+
+    from raylight.driver.logger_relay import hyperparameters
+    from raylight.shared.config import MisconfigurationException
+
+    merged = hyperparameters(Classifier(), _Settings())
+    assert merged == {"features": 8, "classes": 3, "lr": 0.1, "data_dir": "data", "batch_size": 8}
+
+    class Clashing(LightningDataModule):
+        def __init__(self, lr: float = 0.5):
+            super().__init__()
+            self.save_hyperparameters()
+
+    with pytest.raises(MisconfigurationException, match=r"keys \['lr'\].*different values"):
+        hyperparameters(Classifier(), Clashing())

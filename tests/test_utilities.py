@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+import raylight as pl
 from raylight.utilities import grad_norm, rank_zero_only, rank_zero_warn
 from raylight.utilities import rank_zero as rank_zero_module
 
@@ -136,3 +137,19 @@ def test_each_worker_runs_rank_zero_only_code_as_its_rank(ray_session, tmp_path)
     )
     trainer.fit(Classifier(), loader())
     assert sorted(os.listdir(folder)) == ["lightning-0", "raylight-0", "seen-0", "seen-1"]
+
+
+def test_import_flags_agree_with_lightnings():
+    from pytorch_lightning.utilities import imports as theirs
+
+    from raylight.utilities import imports as ours
+
+    names = [n for n in vars(ours) if n.startswith("_") and n[1:].isupper()]
+    assert "_TORCHVISION_AVAILABLE" in names and len(names) >= 10
+    for name in names:
+        assert bool(getattr(ours, name)) == bool(getattr(theirs, name)), name
+
+
+def test_cli_lightning_logo_prints(capsys):
+    pl.cli_lightning_logo()
+    assert "raylight" in capsys.readouterr().out

@@ -14,6 +14,8 @@ from typing import Any
 
 import cloudpickle
 
+from raylight.shared.config import MisconfigurationException
+
 _RESOLVED = ("name", "version", "save_dir", "log_dir", "root_dir", "sub_dir")
 
 
@@ -74,6 +76,23 @@ def _picklable_state(logger: Any) -> dict[str, Any]:
             continue
         kept[key] = value
     return kept
+
+
+def hyperparameters(model: Any, datamodule: Any) -> dict[str, Any]:
+    """What a fit logs as hyperparameters, by Lightning's rule: the module's and the
+    datamodule's initial ones (each unless saved with ``logger=False``), merged; a key both
+    hold with different values is an error."""
+    logged = dict(model.hparams_initial) if model._log_hyperparams else {}
+    if datamodule is None or not getattr(datamodule, "_log_hyperparams", False):
+        return logged
+    extra = dict(datamodule.hparams_initial)
+    clashing = sorted(k for k in extra.keys() & logged.keys() if extra[k] != logged[k])
+    if clashing:
+        raise MisconfigurationException(
+            f"Error while merging hparams: the keys {clashing} are present in both the "
+            "LightningModule's and LightningDataModule's hparams but have different values."
+        )
+    return logged | extra
 
 
 def replay(loggers: list[Any], calls: list[dict[str, Any]]) -> None:
