@@ -21,7 +21,7 @@ from raylight.loggers import CSVLogger, Logger, TensorBoardLogger
 from raylight.loggers.tensorboard import tensorboard_available
 from raylight.module import LightningModule
 from raylight.rank.data import is_overridden
-from raylight.shared import checkpoint_index, storage
+from raylight.shared import checkpoint_index, shipping, storage
 from raylight.shared.config import NO_TRAIN_LOADER, MisconfigurationException
 
 
@@ -119,9 +119,9 @@ def global_seed() -> int | None:
 def put_checked(job: dict[str, Any]) -> Any:
     """Put the job in the object store once; name the attribute that cannot be pickled."""
     try:
-        return ray.put(job)
+        return ray.put(shipping.pack_job(job))
     except Exception as error:
-        for key in ("module", "datamodule", "callbacks", "loaders"):
+        for key in shipping.USER_OBJECTS:
             path = _unpicklable_path(job[key], key)
             if path is not None:
                 raise MisconfigurationException(

@@ -175,6 +175,7 @@ class Worker:
     def setup(self, job: dict[str, Any]) -> list[str]:
         """Build this rank's trainer view for ``job['stage']`` (fit/validate/test/predict);
         returns rank 0's warnings for the driver."""
+        job = shipping.unpack_job(job)  # the user's objects, their numpy arrays this rank's own
         config: TrainerConfig = job["config"]
         # Start from the driver's generator states, as each process of a DDP script would.
         restore_rng(job["rng_states"])

@@ -9,14 +9,17 @@ already carries code (``ray job submit --working-dir``, or a ``runtime_env`` of 
 Installed packages are not shipped: the cluster must have them, and ``version_mismatches``
 says when its versions differ.
 
-Classes and functions of the driver's script that hyperparameters hold are given their
-script names on the rank (``name_script_objects``), so that a checkpoint pickles them as
-Lightning does.
+The user's objects themselves (module, datamodule, callbacks, loaders) travel in the job
+``pack_job`` builds: their numpy arrays arrive on each rank as arrays the rank owns and may
+write to, as in the processes of a Lightning run. Classes and functions of the driver's
+script that hyperparameters hold are given their script names on the rank
+(``name_script_objects``), so that a checkpoint pickles them as Lightning does.
 """
 
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import os
 import pickle
@@ -24,6 +27,7 @@ import site
 import sys
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 VERSIONED = ("raylight", "torch", "ray")
@@ -185,3 +189,73 @@ def _script_objects(values: Any) -> Iterator[Any]:
             pending += list(value)
         elif isinstance(getattr(value, "__dict__", None), dict):
             pending += list(vars(value).values())
+
+
+# ---- the user's objects on the ranks ----------------------------------------------------------
+
+USER_OBJECTS = ("module", "datamodule", "callbacks", "loaders")  # the job's keys that hold them
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The user's objects, pickled once on the driver as Ray would, with the arrays apart."""
+
+    data: bytes  # the pickle stream, without the arrays' contents
+    buffers: list[pickle.PickleBuffer]  # the arrays' contents: Ray ships them zero-copy
+    writable: list[bool]  # whether each array could be written to on the driver
+    refs: list[Any]  # ObjectRefs and actor handles, left to Ray's own serialization
+
+
+def pack_job(job: dict[str, Any]) -> dict[str, Any]:
+    """``job`` with its user objects packed together (one pickle keeps shared references)."""
+    rest = {key: value for key, value in job.items() if key not in USER_OBJECTS}
+    return rest | {"user_objects": _pack({key: job[key] for key in USER_OBJECTS})}
+
+
+def unpack_job(job: dict[str, Any]) -> dict[str, Any]:
+    """On a rank: the job as the driver built it, its arrays owned by this rank."""
+    rest = {key: value for key, value in job.items() if key != "user_objects"}
+    return rest | _unpack(job["user_objects"])
+
+
+def _pack(objects: Any) -> Packed:
+    # Ray's pickler (ray.cloudpickle: a class of the driver's script keeps one identity when
+    # it travels back), with Ray's out-of-band buffers for numpy arrays; references into
+    # the cluster stay with Ray, which tracks who borrows them.
+    import ray
+    from ray import cloudpickle
+
+    buffers: list[pickle.PickleBuffer] = []
+    refs: list[Any] = []
+
+    class Pickler(cloudpickle.CloudPickler):
+        def persistent_id(self, obj: Any) -> int | None:
+            if isinstance(obj, ray.ObjectRef | ray.actor.ActorHandle):
+                refs.append(obj)
+                return len(refs) - 1
+            return None
+
+    stream = io.BytesIO()
+    Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(objects)
+    writable = [not memoryview(buffer).readonly for buffer in buffers]
+    return Packed(stream.getvalue(), buffers, writable, refs)
+
+
+def _unpack(packed: Packed) -> Any:
+    # Ray hands each buffer over as a read-only view of its object store (zero-copy), so
+    # torch.from_numpy on such an array warns "The given NumPy array is not writable" and
+    # a write to it is undefined. Each array that was writable on the driver is copied once,
+    # straight from the store, into memory this rank owns: the ranks of a node hold one copy
+    # each, as the processes of a Lightning DDP run do, and the store's copy is freed with
+    # the job. Arrays that were read-only on the driver stay shared views.
+    buffers = [
+        bytearray(buffer) if writable else buffer
+        for buffer, writable in zip(packed.buffers, packed.writable, strict=True)
+    ]
+    refs = packed.refs
+
+    class Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid: Any) -> Any:
+            return refs[pid]
+
+    return Unpickler(io.BytesIO(packed.data), buffers=buffers).load()
