@@ -186,11 +186,13 @@ class LightningModule(nn.Module):
         checkpoint_path: str | Any,
         map_location: Any = None,
         strict: bool | None = None,
+        weights_only: bool | None = None,
         **kwargs: Any,
     ) -> LightningModule:
         """Build the module from a ``.ckpt`` (raylight's or pytorch-lightning's): its saved
-        hyperparameters, overridden by ``kwargs``, then its weights."""
-        loaded = checkpoint_format.load(os.fspath(checkpoint_path))
+        hyperparameters, overridden by ``kwargs``, then its weights. ``weights_only=False``
+        unpickles everything the file holds (only for files you trust)."""
+        loaded = checkpoint_format.load(os.fspath(checkpoint_path), weights_only)
         hparams = {**loaded.get("hyper_parameters", {}), **kwargs}
         model = cls(**hparams)
         model.on_load_checkpoint(loaded)

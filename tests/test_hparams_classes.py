@@ -250,3 +250,19 @@ def test_hparams_naming_what_this_process_lacks_are_refused_clearly(tmp_path, mo
     monkeypatch.setattr(scratch, "Encoder", 3)
     with pytest.raises(pickle.UnpicklingError, match="which here is a int, not a class"):
         checkpoint.load(path)
+
+
+def test_a_trusted_file_loads_whole_when_asked_as_with_torch_load(tmp_path, monkeypatch):
+    """What weights_only loading refuses (an object in the hyperparameters) loads with
+    weights_only=False, or with torch's own TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1."""
+    path = _saved(tmp_path, hyper_parameters={"loss": torch.nn.MSELoss()})
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    with pytest.raises(pickle.UnpicklingError, match="weights_only=False"):
+        checkpoint.load(path)
+    assert isinstance(
+        checkpoint.load(path, weights_only=False)["hyper_parameters"]["loss"], torch.nn.MSELoss
+    )
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    assert isinstance(checkpoint.load(path)["hyper_parameters"]["loss"], torch.nn.MSELoss)
+    with pytest.raises(pickle.UnpicklingError):  # an explicit choice wins, as in torch.load
+        checkpoint.load(path, weights_only=True)

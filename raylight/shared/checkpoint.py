@@ -21,6 +21,7 @@ from __future__ import annotations
 import _compat_pickle
 import inspect
 import io
+import os
 import pickle
 import sys
 from collections.abc import Iterator
@@ -123,12 +124,19 @@ def save(checkpoint: dict[str, Any], filepath: str) -> None:
     storage.write_bytes(filepath, buffer.getvalue())
 
 
-def load(filepath: str) -> dict[str, Any]:
+def load(filepath: str, weights_only: bool | None = None) -> dict[str, Any]:
+    """Read a ``.ckpt`` with ``weights_only`` loading (see ``_load_weights_only``), unless
+    the caller trusts the file: ``weights_only=False``, or torch's own switch for loads that
+    do not choose, ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``, as with ``torch.load``."""
     if not storage.exists(filepath):
         raise FileNotFoundError(
             f"Checkpoint at {storage.redact(filepath)} not found: check ckpt_path."
         )
     data = storage.read_bytes(filepath)
+    if weights_only is None:
+        weights_only = not _torch_forces_full_load()
+    if not weights_only:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     try:
         return _load_weights_only(data)
     except _Refused as refusal:
@@ -141,6 +149,13 @@ def load(filepath: str) -> dict[str, Any]:
             f"({type(error).__name__}: {storage.redact(str(error))}). It is truncated, corrupt "
             "or holds custom objects that weights_only loading refuses."
         ) from None
+
+
+def _torch_forces_full_load() -> bool:
+    return os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "").lower() in _TRUE
+
+
+_TRUE = ("1", "y", "yes", "true")
 
 
 class _Refused(Exception):
@@ -180,7 +195,9 @@ def _load_weights_only(data: bytes) -> dict[str, Any]:
             f"it names {sorted(unsafe)}, and builds objects from them ({error}). weights_only "
             "loading allows, beyond tensors and plain data, only classes and functions that "
             "its hyperparameters refer to. Save such objects' settings instead, or leave them "
-            "out with save_hyperparameters(ignore=[...])."
+            "out with save_hyperparameters(ignore=[...]); for a file you trust, "
+            "load_from_checkpoint(..., weights_only=False) or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 "
+            "(as with torch.load) unpickles everything."
         ) from None
     elsewhere = {k: v for k, v in checkpoint.items() if k not in HPARAMS_KEYS}
     outside = {stand_in.name for stand_in in _stand_ins(elsewhere)}
