@@ -47,9 +47,40 @@ def _trainer(callbacks, module, datamodule=None):
         datamodule=datamodule,
         _current_hook=None,
         _hook_targets={},
+        _profile=None,  # Trainer(profiler=None)
     )
     object.__setattr__(module, "_fake_trainer", trainer)
     return trainer
+
+
+def test_with_the_simple_profiler_every_call_is_timed_under_lightnings_names():
+    class Module(pl.LightningModule):
+        def on_train_start(self):
+            pass
+
+        def training_step(self, batch, batch_idx):
+            return batch
+
+    class Watcher(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pass
+
+    module = Module()
+    trainer = _trainer([Watcher()], module)
+    trainer._profile = {}
+    hooks.call(trainer, "on_train_start")
+    hooks.call(trainer, "on_train_start")
+    assert hooks.call_module(trainer, "training_step", 7, 0) == 7
+    hooks.call_callbacks(trainer, "on_sanity_check_start")
+    figures = trainer._profile
+    assert figures.keys() == {
+        "[LightningModule]Module.on_train_start",
+        "[Callback]Watcher.on_train_start",
+        "[LightningModule]Module.training_step",
+        "[Callback]Watcher.on_sanity_check_start",
+    }
+    assert figures["[Callback]Watcher.on_train_start"][0] == 2
+    assert all(seconds >= 0 for _, seconds in figures.values())
 
 
 def test_callbacks_run_in_order_then_the_module_which_gives_the_result():
