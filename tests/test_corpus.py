@@ -118,6 +118,27 @@ CASES = [
         gap="'MNISTDataModule' object has no attribute 'save_hyperparameters'",
         missing="raylight's LightningDataModule has no save_hyperparameters (nor hparams)",
     ),
+    # lightning-bolts' LitMNIST: 16 Adam steps at lr 1e-3 take the loss from ln(10) = 2.30 to
+    # about 1.4 in both (its ReLU on the logits keeps it from going much lower this early).
+    Case("bolts_mnist", close={"val_loss": 0.3}, ceiling={"val_loss": 2.0}),
+    # A one-layer Transformer learning to reverse sequences, its cosine warm-up scheduler stepped
+    # by hand in optimizer_step: 200 steps take accuracy from chance (0.1) to about 0.19 (over
+    # 16k tokens, chance stays within 0.1 +- 0.01) and the loss just below its start, ln(10).
+    Case(
+        "tut_uva_transformers",
+        close={"test_loss": 0.05},
+        floor={"val_acc": 0.15, "test_acc": 0.15},
+        ceiling={"test_loss": 2.25},
+    ),
+    # MilestonesFinetuning (BaseFinetuning) unfreezes the backbone in two steps: after the
+    # second milestone the optimizer holds three parameter groups and every parameter trains.
+    Case(
+        "pl_finetuning",
+        equal=("param_groups", "trainable"),
+        ceiling={"val_loss": 2.0},
+        gap="No module named 'raylight.utilities.model_helpers'",
+        missing="raylight has no utilities.model_helpers (get_torchvision_model)",
+    ),
 ]
 
 
