@@ -153,3 +153,31 @@ def test_import_flags_agree_with_lightnings():
 def test_cli_lightning_logo_prints(capsys):
     pl.cli_lightning_logo()
     assert "raylight" in capsys.readouterr().out
+
+
+def test_model_helpers_answer_as_lightnings():
+    from pytorch_lightning.utilities import model_helpers as theirs
+
+    from raylight.utilities import model_helpers as ours
+
+    class Ours(pl.LightningModule):
+        def training_step(self, batch, batch_idx):
+            return batch
+
+    class Theirs(_lightning_module()):
+        def training_step(self, batch, batch_idx):
+            return batch
+
+    for name in ("training_step", "validation_step", "no_such_hook"):
+        assert ours.is_overridden(name, Ours()) == theirs.is_overridden(name, Theirs()), name
+    assert ours.is_overridden("training_step", None) is False
+    with pytest.raises(ValueError, match="Expected a parent"):
+        ours.is_overridden("forward", object())
+    model = ours.get_torchvision_model("resnet18", weights=None, num_classes=3)
+    assert model.fc.out_features == 3
+
+
+def _lightning_module():
+    import pytorch_lightning
+
+    return pytorch_lightning.LightningModule
