@@ -242,6 +242,7 @@ class Trainer:
         self.current_epoch = 0
         self.global_step = 0
         self._batches_that_stepped = 0  # the loggers' step axis, as on the ranks
+        self._optimizers: list[Any] | None = None  # rank 0's, rebuilt on the model after fit
         self.should_stop = False
         self._num_training_batches: int | float = -1  # unknown until fit starts
         self.callback_metrics: dict[str, torch.Tensor] = {}
@@ -276,6 +277,18 @@ class Trainer:
     def is_global_zero(self) -> bool:
         return True  # the driver speaks for rank 0
 
+    @property
+    def optimizers(self) -> list[Any]:
+        """After fit: rank 0's optimizers, state included, over your model's parameters."""
+        if self._optimizers is None:
+            raise AttributeError(
+                "trainer.optimizers on the driver holds rank 0's optimizers once a fit has "
+                "ended (rebuilt over your model's parameters when their class takes its param "
+                "groups alone). Before that, or for an optimizer that cannot be rebuilt, read "
+                "self.trainer.optimizers in a hook, or the checkpoint's optimizer_states."
+            )
+        return self._optimizers
+
     # ---- entry points -----------------------------------------------------------------------------
     def fit(
         self,
@@ -305,6 +318,7 @@ class Trainer:
             self._report_profile("fit", started)
         model.load_state_dict(final["state_dict"])
         attributes.apply(model, final["attributes"])  # as if model were rank 0's, as in Lightning
+        self._optimizers = attributes.rebuild_optimizers(model, final["optimizers"])
         for callback, trained in zip(self.callbacks, final["callbacks"], strict=True):
             callback.__dict__.update(trained.__dict__)
 

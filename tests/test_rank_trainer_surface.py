@@ -171,3 +171,38 @@ def test_attributes_without_meaning_on_a_rank_name_the_alternative(ray_session, 
         "device_ids": [0],
         "log_dir": str(tmp_path),  # no logger: default_root_dir, as in Lightning
     }
+
+
+class TwoGroups(Classifier):
+    def configure_optimizers(self):
+        first, second = self.layer[0], self.layer[2]
+        return torch.optim.Adam(
+            [{"params": first.parameters(), "lr": 0.1}, {"params": second.parameters()}], lr=0.01
+        )
+
+
+@pytest.mark.slow
+def test_after_fit_the_drivers_trainer_holds_rank_zeros_optimizers(ray_session, tmp_path):
+    trainer = pl.Trainer(
+        num_workers=2,
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    with pytest.raises(AttributeError, match="once a fit has ended"):
+        _ = trainer.optimizers
+    model = TwoGroups()
+    trainer.fit(model, loader())
+    (optimizer,) = trainer.optimizers
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.1, 0.01]
+    ours = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert ours == {id(p) for p in model.parameters()}  # over the driver's own module
+    trainer.save_checkpoint(tmp_path / "end.ckpt")
+    saved = torch.load(tmp_path / "end.ckpt", weights_only=True)["optimizer_states"][0]["state"]
+    state = optimizer.state_dict()["state"]
+    assert state.keys() == saved.keys() and state[0]["step"] == 4  # 4 batches a rank
+    for index, values in saved.items():
+        assert all(torch.equal(values[key], state[index][key]) for key in values)

@@ -306,6 +306,9 @@ class Worker:
             # The user's callbacks as rank 0 left them (best_model_path and the like).
             "callbacks": self._user_callbacks,
             "attributes": attributes.collect(trainer.lightning_module),
+            "optimizers": attributes.collect_optimizers(
+                trainer.lightning_module, trainer.optimizers
+            ),
         }
 
     @_with_rank_context

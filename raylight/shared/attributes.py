@@ -61,3 +61,52 @@ def _on_cpu(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     return value
+
+
+def collect_optimizers(module: nn.Module, optimizers: list[Any]) -> list[dict[str, Any]] | None:
+    """Rank 0's optimizers as the driver can rebuild them on its own module: each one's
+    class, its param groups with parameter names in place of tensors, and its state. None
+    when one holds a tensor that is not a parameter of the module."""
+    names = {id(parameter): name for name, parameter in module.named_parameters()}
+    snapshots = []
+    for optimizer in optimizers:
+        groups = []
+        for group in optimizer.param_groups:
+            if any(id(parameter) not in names for parameter in group["params"]):
+                return None
+            settings = {key: value for key, value in group.items() if key != "params"}
+            groups.append({**settings, "params": [names[id(p)] for p in group["params"]]})
+        state = _all_on_cpu(optimizer.state_dict())
+        snapshots.append({"cls": type(optimizer), "groups": groups, "state": state})
+    return snapshots
+
+
+def rebuild_optimizers(
+    module: nn.Module, snapshots: list[dict[str, Any]] | None
+) -> list[Any] | None:
+    """The optimizers ``collect_optimizers`` described, over ``module``'s parameters and
+    with rank 0's state; None when one cannot be rebuilt (its class needs other arguments)."""
+    if snapshots is None:
+        return None
+    parameters = dict(module.named_parameters())
+    optimizers = []
+    for snapshot in snapshots:
+        groups = [
+            {**group, "params": [parameters[name] for name in group["params"]]}
+            for group in snapshot["groups"]
+        ]
+        try:
+            optimizer = snapshot["cls"](groups)
+            optimizer.load_state_dict(snapshot["state"])
+        except (TypeError, ValueError, KeyError):
+            return None
+        optimizers.append(optimizer)
+    return optimizers
+
+
+def _all_on_cpu(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _all_on_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_all_on_cpu(item) for item in value)
+    return _on_cpu(value)
