@@ -132,6 +132,23 @@ CASES = [
         equal=("param_groups", "trainable"),
         ceiling={"val_loss": 2.0},
     ),
+    # The UvA-DL Vision Transformer: after fit, ViT.load_from_checkpoint on the best checkpoint
+    # and two tests of the loaded model. Four AdamW steps (3.2M parameters, 5 s a step on two
+    # busy cores) leave it near chance, so the check is that the loaded model tests like
+    # Lightning's (the loss within sampling noise of ln(10) = 2.30, none diverged).
+    Case("tut_uva_vit", close={"test_loss": 0.15}, ceiling={"test_loss": 2.8}),
+    # The CIFAR-10 baseline's OneCycleLR, returned as {"scheduler": ..., "interval": "step"}:
+    # stepped after every optimizer step, its warm-up lifts the rate from 0.1 / 25 = 0.004 at
+    # once (an epoch interval would leave it at 0.004 for the whole run). The schedule does not
+    # depend on the data, so both runs log the same six rates. Six SGD steps of a ResNet-18 leave
+    # the loss near ln(10) = 2.30.
+    Case(
+        "tut_cifar10_baseline",
+        equal=("lr", "lr_rows"),
+        floor={"lr": 0.004001},
+        close={"test_loss": 0.1},
+        ceiling={"test_loss": 2.8},
+    ),
 ]
 
 
