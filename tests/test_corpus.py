@@ -116,6 +116,10 @@ CASES = [
     # lightning-bolts' LitMNIST: 16 Adam steps at lr 1e-3 take the loss from ln(10) = 2.30 to
     # about 1.4 in both (its ReLU on the logits keeps it from going much lower this early).
     Case("bolts_mnist", close={"val_loss": 0.3}, ceiling={"val_loss": 2.0}),
+    # Lightning's demo Transformer on Python's pydoc text (about 9k words): four clipped SGD
+    # steps leave the loss near ln(9k) = 9.1 in both, and both start from the same weights, so
+    # they agree to about a percent; a diverged run (NaN, or far above ln V) fails the bound.
+    Case("pl_transformer", close={"test_loss": 0.03}, ceiling={"test_loss": 9.6}),
     # A one-layer Transformer learning to reverse sequences, its cosine warm-up scheduler stepped
     # by hand in optimizer_step: 200 steps take accuracy from chance (0.1) to about 0.19 (over
     # 16k tokens, chance stays within 0.1 +- 0.01) and the loss just below its start, ln(10).
