@@ -130,8 +130,11 @@ def node_loss(workdir: str) -> dict:
 
 def shrink_and_grow(workdir: str) -> dict:
     """Elastic (1, 2): one worker per node; one node dies mid-epoch (the run goes on with one
-    worker, re-partitioning the epoch's rest), then comes back (the run grows to two)."""
+    worker, re-partitioning the epoch's rest), then comes back (the run grows to two). An
+    MLflow logger (a SQLite store in WORKDIR) records every step through it all."""
     recorder = SampleRecorder()
+    tracking_uri = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
+    logger = pl.loggers.MLFlowLogger(experiment_name="elastic", tracking_uri=tracking_uri)
     trainer = pl.Trainer(
         num_workers=(1, 2),
         max_epochs=4,
@@ -140,7 +143,8 @@ def shrink_and_grow(workdir: str) -> dict:
         recovery_every_n_train_steps=2,
         enable_checkpointing=False,
         default_root_dir=os.path.join(workdir, "run"),
-        logger=False,
+        logger=logger,
+        log_every_n_steps=1,
         enable_progress_bar=False,
         callbacks=[recorder, WaitsForNodeBack(workdir)],
     )
@@ -148,11 +152,15 @@ def shrink_and_grow(workdir: str) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, _loader())
+    runs = logger.experiment.search_runs([logger.experiment_id])
+    history = logger.experiment.get_metric_history(logger.run_id, "train_loss")
     return {
         "steps": trainer.global_step,
         "seen": recorder.seen,
         "world_sizes": recorder.world_sizes,
         "messages": [str(w.message) for w in caught],
+        "mlflow_runs": len(runs),
+        "mlflow_steps": [metric.step for metric in history],
     }
 
 

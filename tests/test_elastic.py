@@ -93,4 +93,12 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(cluster, tmp_path):
     assert report["world_sizes"] == {"0": [2, 1], "1": [2], "2": [2], "3": [2]}, report["messages"]
     assert report["steps"] == 12 + 3 * 8
     _each_sample_once_per_epoch(report, epochs=4)
+    # One MLflow run through the restart and the resize; no step went backwards and none was
+    # sent twice, though the restored run logged the steps after its checkpoint again: one row
+    # per step from the step-4 checkpoint on (32 steps). The rows of the lost group's
+    # unfinished epoch before that checkpoint never reached the driver: they travel with the
+    # epoch's results.
+    steps = report["mlflow_steps"]
+    assert report["mlflow_runs"] == 1
+    assert steps == sorted(set(steps)) and len(steps) == report["steps"] - 4, steps
     assert any("restarting the group bigger" in m for m in report["messages"])
