@@ -73,6 +73,9 @@ _ROUTED_LOCATIONS = {
     "list_names": 1,
     "link": 2,
     "copy_tree": 2,
+    "makedirs": 1,
+    "rename": 2,
+    "delete_tree": 1,
 }
 _READS = {"read_bytes", "exists", "list_names"}
 
@@ -343,3 +346,60 @@ def copy_tree(source: str, destination: str) -> None:
         )
     except OSError as error:
         raise _unreachable(destination if target_fs else source, error) from None
+
+
+@_routed
+def makedirs(location: str) -> None:
+    """Create the folder ``location`` and its parents; nothing if it exists."""
+    if not is_uri(location):
+        os.makedirs(_local(location), exist_ok=True)
+        return
+    filesystem, path = _resolve(location)
+    try:
+        filesystem.create_dir(path, recursive=True)
+    except OSError as error:
+        raise _unreachable(location, error) from None
+
+
+@_routed
+def rename(source: str, destination: str) -> None:
+    """Move the file ``source`` to ``destination`` (one store), replacing it: atomic locally;
+    a copy and a delete on object stores, where ``destination`` still appears whole."""
+    if not is_uri(source):
+        os.replace(_local(source), _local(destination))
+        return
+    filesystem, source_path = _resolve(source)
+    _, destination_path = _resolve(destination)
+    try:
+        filesystem.move(source_path, destination_path)
+    except OSError as error:
+        raise _unreachable(source, error) from None
+
+
+@_routed
+def delete_tree(location: str, first: tuple[str, ...] = ()) -> None:
+    """Delete ``location``, a file or a folder with everything in it, the names ``first`` in
+    that folder before the rest; a symlink is removed, never what it points to; nothing if it
+    does not exist."""
+    if not is_uri(location):
+        path = _local(location)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.remove(path)
+        elif os.path.isdir(path):
+            for name in first:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(path, name))
+            shutil.rmtree(path)
+        return
+    filesystem, path = _resolve(location)
+    try:
+        kind = filesystem.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            for name in first:
+                if filesystem.get_file_info(f"{path}/{name}").type == pafs.FileType.File:
+                    filesystem.delete_file(f"{path}/{name}")
+            filesystem.delete_dir(path)
+        elif kind != pafs.FileType.NotFound:
+            filesystem.delete_file(path)
+    except OSError as error:
+        raise _unreachable(location, error) from None
