@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-# The .ckpt format only (it imports torch and storage, nothing of the engine).
+# The checkpoint formats only, .ckpt files and sharded directories (they import torch and
+# storage, nothing of the engine).
 from raylight.shared import checkpoint as checkpoint_format
+from raylight.shared import sharded
 
 
 class AttributeDict(dict):
@@ -191,8 +193,13 @@ class LightningModule(nn.Module):
     ) -> LightningModule:
         """Build the module from a ``.ckpt`` (raylight's or pytorch-lightning's): its saved
         hyperparameters, overridden by ``kwargs``, then its weights. ``weights_only=False``
-        unpickles everything the file holds (only for files you trust)."""
-        loaded = checkpoint_format.load(os.fspath(checkpoint_path), weights_only)
+        unpickles everything the file holds (only for files you trust). A sharded checkpoint
+        (a directory, from ``strategy="fsdp"``) is read whole."""
+        path = os.fspath(checkpoint_path)
+        if sharded.is_sharded(path):
+            loaded = sharded.read_full(path, weights_only)
+        else:
+            loaded = checkpoint_format.load(path, weights_only)
         hparams = {**loaded.get("hyper_parameters", {}), **kwargs}
         model = cls(**hparams)
         model.on_load_checkpoint(loaded)

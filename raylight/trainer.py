@@ -49,6 +49,7 @@ from raylight.shared.config import (
     make_scaling,
 )
 from raylight.strategies.ddp import DDPStrategy, ddp_settings
+from raylight.strategies.fsdp import FSDPStrategy, driver_weights_bytes, fsdp_settings, is_fsdp
 
 _STAGE_LOADER = {"validate": "val", "test": "test", "predict": "predict"}
 
@@ -91,7 +92,7 @@ class Trainer:
         devices: int | str | list[int] | None = None,
         num_nodes: int = 1,
         gpus: int | None = None,
-        strategy: str | DDPStrategy | None = None,
+        strategy: str | DDPStrategy | FSDPStrategy | None = None,
         placement_timeout_s: float = 60.0,
         process_group_timeout_s: float = 1800.0,
         max_failures: int = 0,
@@ -107,6 +108,7 @@ class Trainer:
         detect_anomaly: bool = False,
         profiler: str | None = None,
         barebones: bool = False,
+        max_driver_weights_gb: float = 8.0,
     ) -> None:
         if barebones:
             flags = lightning_flags.apply_barebones(
@@ -167,11 +169,8 @@ class Trainer:
         self.scaling = make_scaling(
             num_workers, use_gpu, resources_per_worker, accelerator, devices, num_nodes, gpus
         )
-        # Lightning's DDP strategy names, or a DDPStrategy: its settings reach the ranks' wrapper.
-        ddp = ddp_settings(strategy, self.scaling.use_gpu, self.config.process_group_timeout_s)
-        self.config.find_unused_parameters = ddp.find_unused_parameters
-        self.config.ddp_kwargs = ddp.ddp_kwargs
-        self.config.process_group_timeout_s = ddp.process_group_timeout_s
+        self._set_strategy(strategy)
+        self.config.max_driver_weights_bytes = driver_weights_bytes(max_driver_weights_gb)
         if self.scaling.use_gpu is False and sync_batchnorm:
             raise MisconfigurationException(
                 "Trainer(sync_batchnorm=True) needs GPU workers: torch's SyncBatchNorm works "
@@ -316,11 +315,52 @@ class Trainer:
                     logger.log_hyperparams(hparams)
             final = run_fit(self, model, datamodule, loaders, ckpt_path)
             self._report_profile("fit", started)
-        model.load_state_dict(final["state_dict"])
-        attributes.apply(model, final["attributes"])  # as if model were rank 0's, as in Lightning
-        self._optimizers = attributes.rebuild_optimizers(model, final["optimizers"])
         for callback, trained in zip(self.callbacks, final["callbacks"], strict=True):
             callback.__dict__.update(trained.__dict__)
+        self._take_weights(model, final["state_dict"])  # its warning names their checkpoints
+        attributes.apply(model, final["attributes"])  # as if model were rank 0's, as in Lightning
+        self._optimizers = attributes.rebuild_optimizers(model, final["optimizers"])
+
+    def _take_weights(self, model: LightningModule, weights: dict[str, Any] | None) -> None:
+        if weights is not None:
+            model.load_state_dict(weights)
+            return
+        # A sharded fit whose whole weights exceed the budget: the driver never holds them.
+        callback = self.checkpoint_callback
+        saved = callback and (callback.last_model_path or callback.best_model_path)
+        where = (
+            f"load them from the checkpoint {storage.redact(saved)} with "
+            f"{type(model).__name__}.load_from_checkpoint(...)"
+            if saved
+            else "save a checkpoint with ModelCheckpoint to load them from"
+        )
+        warnings.warn(
+            "The trained weights are larger than Trainer(max_driver_weights_gb="
+            f"{self.config.max_driver_weights_bytes / 2**30:g}), so the driver's model was left "
+            f"as it was: {where}, or raise max_driver_weights_gb.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def _set_strategy(self, strategy: Any) -> None:
+        """Lightning's strategy names, a DDPStrategy or an FSDPStrategy: their settings reach
+        the ranks' wrapper through the run's config."""
+        config, use_gpu = self.config, self.scaling.use_gpu
+        if is_fsdp(strategy):
+            fsdp, config.process_group_timeout_s = fsdp_settings(
+                strategy, use_gpu, config.process_group_timeout_s
+            )
+            config.fsdp = fsdp
+            return
+        if config.precision == "bf16-true":
+            raise MisconfigurationException(
+                "Trainer(precision='bf16-true') is supported with strategy='fsdp' only: use "
+                "'bf16-mixed' with DDP."
+            )
+        ddp = ddp_settings(strategy, use_gpu, config.process_group_timeout_s)
+        config.find_unused_parameters = ddp.find_unused_parameters
+        config.ddp_kwargs = ddp.ddp_kwargs
+        config.process_group_timeout_s = ddp.process_group_timeout_s
 
     def _nothing_to_fit(self) -> bool:
         """Lightning's do-nothing fits, found before any worker starts: say so and return."""

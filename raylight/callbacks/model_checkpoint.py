@@ -18,7 +18,7 @@ from typing import Any
 
 from raylight.callbacks.callback import Callback
 from raylight.rank import checkpointing
-from raylight.shared import checkpoint_index, storage
+from raylight.shared import checkpoint_index, sharded, storage
 from raylight.shared.config import MisconfigurationException
 
 
@@ -199,7 +199,7 @@ class ModelCheckpoint(Callback):
             # The index first: should it fail, no file it names has been deleted.
             checkpoint_index.update_index(root, entry, remove)
             for path in doomed:
-                storage.delete(path)
+                sharded.delete_checkpoint(path)  # a .ckpt file or a sharded directory
             if verbose:
                 print(
                     f"Epoch {entry['epoch']}, global step {entry['global_step']}: saved "

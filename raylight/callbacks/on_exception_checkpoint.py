@@ -9,11 +9,16 @@ one whole checkpoint. It records the position of the latest optimizer step: resu
 it (``fit(ckpt_path=...)``) continues right after that step, in the same sample order.
 Only the writing rank's generator states are in it, so at a world size above one the
 generators start afresh on resume.
+
+Under ``strategy="fsdp"`` no rank holds the whole state, and gathering it is a collective
+that a failing rank cannot count on: the callback writes nothing there and says so; the
+run's sharded checkpoints (ModelCheckpoint, recovery) are the ones to resume from.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from raylight.callbacks.callback import Callback
@@ -36,6 +41,15 @@ class OnExceptionCheckpoint(Callback):
         return storage.join(self.dirpath, self.filename + self.FILE_EXTENSION)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if trainer.config.fsdp is not None:
+            warnings.warn(
+                "OnExceptionCheckpoint wrote nothing: under strategy='fsdp' each rank holds only "
+                "its shards, and gathering them needs every rank. Resume from the run's last "
+                "ModelCheckpoint instead.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
         # Written before the exception reaches the driver, which then stops the group.
         checkpoint.save(checkpointing.build(trainer, local=True), self.ckpt_path)
 

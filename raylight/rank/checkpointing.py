@@ -22,13 +22,12 @@ import torch.distributed as dist
 from raylight.rank import hooks
 from raylight.rank.data import sampler_order_args
 from raylight.seed import capture_rng
-from raylight.shared import shipping, storage
+from raylight.shared import sharded, shipping, storage
 from raylight.shared.checkpoint import (
     LIGHTNING_VERSION,
     RAYLIGHT_VERSION,
     lightning_loops,
     load,
-    load_weights,
     position_from_loops,
 )
 
@@ -46,7 +45,7 @@ def build(trainer: RankTrainer, weights_only: bool = False, local: bool = False)
         "global_step": trainer.global_step,
         "pytorch-lightning_version": LIGHTNING_VERSION,
         "raylight_version": RAYLIGHT_VERSION,
-        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "state_dict": trainer.strategy.model_state_dict(),
         # Where to resume: raylight's own position, exact to the batch.
         "raylight": {
             "next_epoch": next_epoch,
@@ -73,7 +72,7 @@ def build(trainer: RankTrainer, weights_only: bool = False, local: bool = False)
         # As Lightning: only callbacks that have state get an entry.
         states = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
         checkpoint["callbacks"] = {key: state for key, state in states.items() if state}
-        checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
+        checkpoint["optimizer_states"] = trainer.strategy.optimizer_state_dicts()
         scaler = trainer.strategy.precision.scaler
         if scaler is not None:  # Lightning's key for the AMP plugin's state
             checkpoint["MixedPrecision"] = scaler.state_dict()
@@ -112,12 +111,47 @@ def save_from_rank(
     to its background writer, so the loop stalls only for the copy, not for the upload.
     ``on_commit`` runs once the file is complete in storage."""
     checkpoint = build(trainer, weights_only)
-    if trainer.is_global_zero:
+    if trainer.strategy.sharded_checkpoints:
+        _save_sharded(trainer, checkpoint, filepath, on_commit)
+    elif trainer.is_global_zero:
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # the copy: training may change the tensors after this
         trainer._writer.submit(filepath, buffer.getvalue(), on_commit)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _save_sharded(
+    trainer: RankTrainer,
+    checkpoint: dict[str, Any],
+    filepath: str,
+    on_commit: Callable[[], None] | None,
+) -> None:
+    """Lightning's sharded format: every rank's shards of the weights and optimizer states
+    through ``torch.distributed.checkpoint``, the rest in ``meta.pt`` from rank 0. The loop
+    waits only while the shards are copied to host memory; the checkpoint commits (its index
+    entry, ``on_commit``) once DCP's ``.metadata`` (written after every rank's shards) and
+    ``meta.pt`` are both in storage (``.metadata`` last), so a save cut short is never
+    chosen."""
+    tensors = {"model": checkpoint.pop("state_dict")}
+    for index, state in enumerate(checkpoint.pop("optimizer_states", [])):
+        tensors[f"optimizer_{index}"] = state
+    trainer.strategy.wait_for_save()  # a save to the same place may still be writing
+    if trainer.is_global_zero and storage.exists(filepath):
+        sharded.delete_checkpoint(filepath)  # shards of an older save must not mix in
+    if dist.is_initialized():
+        dist.barrier()
+    if trainer.is_global_zero:  # before the shards: DCP's .metadata must come last
+        sharded.save_meta(filepath, checkpoint)
+    future = trainer.strategy.save_sharded(tensors, filepath)
+    zero = trainer.is_global_zero
+
+    def commit() -> None:
+        future.result()  # on rank 0: every rank's shards and DCP's .metadata are written
+        if zero and on_commit is not None:
+            on_commit()
+
+    trainer._writer.after(commit)
 
 
 # Errors that a retry cannot mend: the disk or quota is full, the location is read-only or
@@ -244,10 +278,12 @@ def restore(trainer: RankTrainer, filepath: str, stage: str) -> Resume | None:
     module = trainer.lightning_module
     # The hyperparameters' script classes, by name, as the checkpoint refers to them.
     shipping.name_script_objects(dict(module.hparams))
-    checkpoint = load(filepath)
+    checkpoint = _read(trainer, filepath)
     # Lightning's order: the module's hook may rewrite the checkpoint before the weights load.
     hooks.call_module(trainer, "on_load_checkpoint", checkpoint)
-    load_weights(module, checkpoint["state_dict"], filepath, module.strict_loading)
+    trainer.strategy.load_model_state_dict(
+        checkpoint["state_dict"], filepath, module.strict_loading
+    )
     datamodule = trainer.datamodule
     if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
         datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
@@ -258,10 +294,7 @@ def restore(trainer: RankTrainer, filepath: str, stage: str) -> Resume | None:
     for callback in trainer.callbacks:
         if callback.state_key in states:
             callback.load_state_dict(states[callback.state_key])
-    for optimizer, state in zip(
-        trainer.optimizers, checkpoint.get("optimizer_states", []), strict=False
-    ):
-        optimizer.load_state_dict(state)
+    trainer.strategy.load_optimizer_state_dicts(checkpoint.get("optimizer_states", []))
     for config, state in zip(
         trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", []), strict=False
     ):
@@ -270,6 +303,20 @@ def restore(trainer: RankTrainer, filepath: str, stage: str) -> Resume | None:
     if scaler is not None and "MixedPrecision" in checkpoint:
         scaler.load_state_dict(checkpoint["MixedPrecision"])
     return _restore_position(trainer, checkpoint)
+
+
+def _read(trainer: RankTrainer, filepath: str) -> dict[str, Any]:
+    """A ``.ckpt`` file, or a sharded checkpoint: this rank's shards of it under a sharded
+    fit (redistributed over the current world), else the whole of it."""
+    if not sharded.is_sharded(filepath):
+        return load(filepath)
+    sharded.check_complete(filepath)
+    read_sharded = getattr(trainer.strategy, "read_sharded", None)
+    if read_sharded is None or trainer.strategy.model is None:
+        return sharded.read_full(filepath)
+    checkpoint = sharded.load_meta(filepath)
+    checkpoint["state_dict"], checkpoint["optimizer_states"] = read_sharded(filepath)
+    return checkpoint
 
 
 def _restore_position(trainer: RankTrainer, checkpoint: dict[str, Any]) -> Resume:

@@ -517,8 +517,7 @@ def run_evaluation(
     previous_stage, trainer.stage = trainer.stage, stage
     results = trainer._results = MetricLog(trainer._all_reduce, trainer.device)
     hooks.call_module(trainer, f"on_{prefix}_model_eval")
-    grad_context = torch.inference_mode if trainer.config.inference_mode else torch.no_grad
-    with grad_context():
+    with trainer.strategy.evaluation_context():
         hooks.call(trainer, f"on_{prefix}_start")
         hooks.call(trainer, f"on_{prefix}_epoch_start")
         several = len(loaders) > 1
@@ -534,8 +533,7 @@ def run_evaluation(
                 batch = transfer_batch(trainer, batch, dataloader_idx)
                 results.batch = batch
                 hooks.call(trainer, f"on_{prefix}_batch_start", batch, batch_idx, *extra)
-                with trainer.strategy.autocast():
-                    output = hooks.call_module(trainer, step_name, batch, batch_idx, *extra)
+                output = trainer.strategy.evaluation_step(step_name, batch, batch_idx, *extra)
                 hooks.call(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, *extra)
                 if not trainer.sanity_checking:
                     _log_evaluation_step(trainer, results, stage, dataloader_idx)
@@ -591,8 +589,7 @@ def run_predict(trainer: RankTrainer, loaders: list[Any], limits: list[int]) -> 
     trainer.stage = "predict"
     hooks.call_module(trainer, "on_predict_model_eval")
     predictions: list[list[Any]] = []
-    grad_context = torch.inference_mode if trainer.config.inference_mode else torch.no_grad
-    with grad_context():
+    with trainer.strategy.evaluation_context():
         hooks.call(trainer, "on_predict_start")
         hooks.call(trainer, "on_predict_epoch_start")
         several = len(loaders) > 1
@@ -604,8 +601,7 @@ def run_predict(trainer: RankTrainer, loaders: list[Any], limits: list[int]) -> 
                 trainer._batch_idx = batch_idx
                 batch = transfer_batch(trainer, batch, dataloader_idx)
                 hooks.call(trainer, "on_predict_batch_start", batch, batch_idx, *extra)
-                with trainer.strategy.autocast():
-                    output = hooks.call_module(trainer, "predict_step", batch, batch_idx, *extra)
+                output = trainer.strategy.evaluation_step("predict_step", batch, batch_idx, *extra)
                 hooks.call(trainer, "on_predict_batch_end", output, batch, batch_idx, *extra)
                 outputs.append(move_data_to_device(output, torch.device("cpu")))
                 trainer._watch.end_batch()

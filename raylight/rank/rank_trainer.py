@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from raylight.rank.checkpointing import AsyncWriter, save_from_rank
 from raylight.rank.data import request_loaders
+from raylight.rank.fsdp import FSDPStrategy
 from raylight.rank.logging import MetricLog
 from raylight.rank.strategy import DDPStrategy, Precision
 from raylight.rank.watchdog import NO_WATCH
@@ -92,8 +93,12 @@ class RankTrainer:
         self.node_rank, self.world_size = node_rank, world_size
         self.num_devices = world_size
         self.device = device
-        # How this rank steps the model (DDP); also Lightning's trainer.strategy.
-        self.strategy = DDPStrategy(self, config.precision, device)
+        # How this rank steps the model (DDP or FSDP); also Lightning's trainer.strategy.
+        self.strategy: DDPStrategy | FSDPStrategy = (
+            FSDPStrategy(self, config.precision, device, config.fsdp)
+            if config.fsdp is not None
+            else DDPStrategy(self, config.precision, device)
+        )
         self.lightning_module: Any = None
         self.datamodule: Any = None
         self.callbacks: list[Any] = []

@@ -6,8 +6,8 @@ here: wrapping the module, autocast and the gradient scaler, backward, gradient 
 and the optimizer step. The loops call these methods and never branch on the strategy.
 
 It is also Lightning's ``trainer.strategy`` (``root_device``, ``barrier``, ``broadcast``,
-``reduce_boolean_decision``), the part user code reaches for. Sharded training (FSDP2)
-will be a second plain class with the same methods, not a subclass.
+``reduce_boolean_decision``), the part user code reaches for. Sharded training (FSDP2) is
+``fsdp.py``: a second class with the same methods, sharing only that surface.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.parallel.distributed import _find_tensors
 
 from raylight.rank import hooks
+from raylight.shared.checkpoint import load_weights
 
 if TYPE_CHECKING:  # types only: rank_trainer builds the strategy
     from raylight.module import LightningModule
@@ -89,16 +90,12 @@ class _TrainingStepModule(nn.Module):
         return output
 
 
-class DDPStrategy:
-    """Data parallel: every rank holds the whole model; backward all-reduces gradients."""
+class StrategySurface:
+    """Lightning's ``trainer.strategy`` methods that user code calls, the same under every
+    strategy (a strategy sets ``_trainer``)."""
 
-    def __init__(self, trainer: RankTrainer, precision: str, device: torch.device) -> None:
-        self._trainer = trainer
-        self.precision = Precision(precision, device)
-        self.model: Any = None  # the DDP-wrapped training-step module, once set up
-        self._static_graph_first_reduce_done = False
+    _trainer: RankTrainer
 
-    # ---- Lightning's trainer.strategy ------------------------------------------------------
     @property
     def root_device(self) -> torch.device:
         return self._trainer.device
@@ -123,7 +120,22 @@ class DDPStrategy:
         flag = self._trainer._all_reduce(flag, "sum")
         return bool(flag == self._trainer.world_size) if all else bool(flag > 0)
 
+
+class DDPStrategy(StrategySurface):
+    """Data parallel: every rank holds the whole model; backward all-reduces gradients."""
+
+    sharded_checkpoints = False  # checkpoints are whole .ckpt files, built on rank 0
+
+    def __init__(self, trainer: RankTrainer, precision: str, device: torch.device) -> None:
+        self._trainer = trainer
+        self.precision = Precision(precision, device)
+        self.model: Any = None  # the DDP-wrapped training-step module, once set up
+        self._static_graph_first_reduce_done = False
+
     # ---- the step ------------------------------------------------------------------------------
+    def place(self, module: LightningModule, fitting: bool) -> None:
+        module.to(self._trainer.device)
+
     def setup_module(self, module: LightningModule, find_unused_parameters: bool) -> None:
         """Wrap ``module`` (already on its device) so that its training step syncs gradients.
 
@@ -152,6 +164,15 @@ class DDPStrategy:
             unused = RuntimeError(_UNUSED_PARAMETERS)
             hooks.tag_error(unused, "training_step")
             raise unused from error
+
+    def evaluation_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Lightning's ``Trainer(inference_mode)``: inference mode, or no_grad."""
+        return torch.inference_mode() if self._trainer.config.inference_mode else torch.no_grad()
+
+    def evaluation_step(self, step_name: str, *args: Any) -> Any:
+        """A validation, test or predict step: straight to the module (DDP has nothing to sync)."""
+        with self.precision.autocast():
+            return hooks.call_module(self._trainer, step_name, *args)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -219,3 +240,27 @@ class DDPStrategy:
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
         """The real step (through the gradient scaler when there is one)."""
         return self.precision.step(optimizer, closure, **kwargs)
+
+    # ---- state dicts ---------------------------------------------------------------------------
+    def model_state_dict(self) -> dict[str, Any]:
+        module = self._trainer.lightning_module
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+    def optimizer_state_dicts(self) -> list[dict[str, Any]]:
+        return [optimizer.state_dict() for optimizer in self._trainer.optimizers]
+
+    def load_model_state_dict(
+        self, state_dict: dict[str, Any], filepath: str, strict: bool
+    ) -> None:
+        load_weights(self._trainer.lightning_module, state_dict, filepath, strict)
+
+    def load_optimizer_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        for optimizer, state in zip(self._trainer.optimizers, states, strict=False):
+            optimizer.load_state_dict(state)
+
+    def wait_for_save(self) -> None:
+        """Nothing: rank 0's writer holds whole files, waited for by ``AsyncWriter``."""
+
+    def final_weights(self) -> dict[str, Any] | None:
+        """The weights for the driver's model (rank 0's; every rank holds them whole)."""
+        return self.model_state_dict()

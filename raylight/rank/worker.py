@@ -218,7 +218,7 @@ class Worker:
         self._prepare_data(trainer)
         _call_setup(trainer, stage)
         hooks.call_module(trainer, "configure_model")
-        module.to(device)
+        trainer.strategy.place(module, fitting=stage == "fit")
         module._device = device
         if stage == "fit":
             trainer._stop_check = StopCheck(job.get("stop_flag"), trainer.world_size)
@@ -297,18 +297,19 @@ class Worker:
         loops.fit_end(trainer)
         _call_teardown(trainer, "fit")
         trainer._writer.wait()  # fit ends once every checkpoint is committed
+        weights = trainer.strategy.final_weights()  # a collective under FSDP
         if not trainer.is_global_zero:
             return None
+        sharding = trainer.config.fsdp is not None
         return {
-            "state_dict": {
-                k: v.detach().cpu() for k, v in trainer.lightning_module.state_dict().items()
-            },
+            "state_dict": weights,
             # The user's callbacks as rank 0 left them (best_model_path and the like).
             "callbacks": self._user_callbacks,
             "attributes": attributes.collect(trainer.lightning_module),
-            "optimizers": attributes.collect_optimizers(
-                trainer.lightning_module, trainer.optimizers
-            ),
+            # Sharded optimizer state stays on the ranks (it is in the checkpoints).
+            "optimizers": None
+            if sharding
+            else attributes.collect_optimizers(trainer.lightning_module, trainer.optimizers),
         }
 
     @_with_rank_context

@@ -21,6 +21,7 @@ _PRECISIONS = {
     32: "32-true",
     "bf16-mixed": "bf16-mixed",
     "bf16": "bf16-mixed",
+    "bf16-true": "bf16-true",  # strategy="fsdp" only: the parameters themselves are bf16
     "16-mixed": "16-mixed",
     "16": "16-mixed",
     16: "16-mixed",
@@ -88,6 +89,10 @@ class TrainerConfig:
     # DistributedDataParallel's other arguments, from Trainer(strategy=DDPStrategy(...)).
     ddp_kwargs: dict[str, Any] = field(default_factory=dict)
     process_group_timeout_s: float = 1800.0
+    # FSDPStrategy's settings (raylight.strategies.fsdp) when the run is sharded, else None.
+    fsdp: dict[str, Any] | None = None
+    # The most bytes of full weights the driver's model receives after a sharded fit.
+    max_driver_weights_bytes: int = 8 * 2**30
     overfit_batches: int | float = 0.0
     reload_dataloaders_every_n_epochs: int = 0
     sync_batchnorm: bool = False
@@ -219,8 +224,8 @@ def make_config(**flags: Any) -> TrainerConfig:  # noqa: C901 - one check per fl
     precision = flags["precision"]
     if precision not in _PRECISIONS:
         raise MisconfigurationException(
-            f"Trainer(precision={precision!r}) is not supported: use '32-true', 'bf16-mixed' "
-            "or (on GPU) '16-mixed'."
+            f"Trainer(precision={precision!r}) is not supported: use '32-true', 'bf16-mixed', "
+            "(on GPU) '16-mixed', or with strategy='fsdp' 'bf16-true'."
         )
     flags["precision"] = _PRECISIONS[precision]
 

@@ -204,11 +204,12 @@ def _named_strategy(name: Any) -> dict[str, Any]:
     names = ", ".join(repr(n) for n in _STRATEGY_NAMES if n)
     if not isinstance(name, str):
         raise MisconfigurationException(
-            f"Trainer(strategy={name!r}) is not supported: pass a DDPStrategy from "
-            "raylight.strategies (Lightning's own strategy classes do not run on Ray workers), "
-            f"or one of {names}."
+            f"Trainer(strategy={name!r}) is not supported: pass a DDPStrategy or an "
+            "FSDPStrategy from raylight.strategies (Lightning's own strategy classes do not run "
+            f"on Ray workers), or one of {names}, 'fsdp'."
         )
     raise MisconfigurationException(
-        f"Trainer(strategy={name!r}) is not supported: raylight always runs DDP on Ray "
-        f"workers; use DDPStrategy(...) from raylight.strategies, or one of {names}."
+        f"Trainer(strategy={name!r}) is not supported: raylight runs DDP or FSDP on Ray "
+        "workers; use DDPStrategy(...) or FSDPStrategy(...) from raylight.strategies, or one "
+        f"of {names}, 'fsdp'."
     )
