@@ -41,7 +41,7 @@ from raylight.shared.config import MisconfigurationException, make_scaling
         ({"accelerator": "tpu"}, "accelerator"),
         ({"devices": 0}, "devices"),
         ({"num_nodes": 0}, "num_nodes"),
-        ({"strategy": "fsdp"}, "strategy"),
+        ({"strategy": "deepspeed"}, "strategy"),
         ({"resources_per_worker": {"CPU": -1}}, "resources_per_worker"),
         ({"accelerator": "gpu", "use_gpu": False}, "use_gpu"),
     ],

@@ -183,7 +183,7 @@ def test_the_tests_cluster_has_no_autoscaler_that_adds_nodes(ray_session):
         (dict(limit_val_batches=2.5), "limit_val_batches=2.5"),
         (dict(num_workers=0), "num_workers=0"),
         (dict(precision="8-true"), "precision='8-true'"),
-        (dict(strategy="fsdp"), "strategy='fsdp'"),
+        (dict(strategy="deepspeed"), "strategy='deepspeed'"),
         (dict(precision="16-mixed"), "needs GPUs"),
     ],
 )

@@ -103,6 +103,13 @@ def test_lightnings_ddp_names_are_taken_and_its_other_strategies_refused():
             wanted = entry["init_params"].get("find_unused_parameters", False)
             assert config.find_unused_parameters is wanted, name
             continue
+        if name == "fsdp":  # Lightning's FSDP names are raylight's FSDPStrategy
+            assert pl.Trainer(strategy=name, logger=False).config.fsdp is not None
+            continue
+        if name == "fsdp_cpu_offload":
+            with pytest.raises(MisconfigurationException, match="cpu_offload=True. needs GPU"):
+                pl.Trainer(strategy=name, logger=False)
+            continue
         with pytest.raises(MisconfigurationException) as info:
             pl.Trainer(strategy=name, logger=False)
         assert f"Trainer(strategy={name!r}) is not supported" in str(info.value)
