@@ -283,8 +283,9 @@ class Trainer:
             raise AttributeError(
                 "trainer.optimizers on the driver holds rank 0's optimizers once a fit has "
                 "ended (rebuilt over your model's parameters when their class takes its param "
-                "groups alone). Before that, or for an optimizer that cannot be rebuilt, read "
-                "self.trainer.optimizers in a hook, or the checkpoint's optimizer_states."
+                "groups alone). Before that, for an optimizer that cannot be rebuilt, or after a "
+                "sharded (strategy='fsdp') fit, whose optimizer state stays in its checkpoints, "
+                "read self.trainer.optimizers in a hook, or the checkpoint's optimizer_states."
             )
         return self._optimizers
 

@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from torch.distributed.fsdp import ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy, size_based_auto_wrap_policy
 
 import raylight as pl
@@ -42,6 +43,8 @@ def test_torchs_module_wrap_policy_and_lightnings_callables_are_taken():
     )
     policy = functools.partial(size_based_auto_wrap_policy, min_num_params=10)
     assert FSDPStrategy(auto_wrap_policy=policy).auto_wrap_policy is policy
+    hybrid = FSDPStrategy(sharding_strategy=ShardingStrategy.HYBRID_SHARD)
+    assert hybrid.sharding_strategy == "HYBRID_SHARD"
 
 
 @pytest.mark.parametrize(

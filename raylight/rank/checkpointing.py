@@ -137,11 +137,12 @@ def _save_sharded(
     for index, state in enumerate(checkpoint.pop("optimizer_states", [])):
         tensors[f"optimizer_{index}"] = state
     trainer.strategy.wait_for_save()  # a save to the same place may still be writing
-    if trainer.is_global_zero and storage.exists(filepath):
-        sharded.delete_checkpoint(filepath)  # shards of an older save must not mix in
-    if dist.is_initialized():
-        dist.barrier()
-    if trainer.is_global_zero:  # before the shards: DCP's .metadata must come last
+    if trainer.is_global_zero:
+        # An older save of this name goes first (its .metadata beside the new meta.pt would
+        # look complete), then meta.pt, before the shards: DCP's .metadata must come last.
+        # No barrier: no rank writes a shard before rank 0 has joined the save's planning.
+        if storage.exists(filepath):
+            sharded.delete_checkpoint(filepath)
         sharded.save_meta(filepath, checkpoint)
     future = trainer.strategy.save_sharded(tensors, filepath)
     zero = trainer.is_global_zero

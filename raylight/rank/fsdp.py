@@ -15,7 +15,7 @@ wrapping, gradient sync during accumulation, and the state dicts, which travel a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,14 +31,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from raylight.rank import hooks
-from raylight.rank.strategy import Precision, StrategySurface
+from raylight.rank.strategy import Precision, StrategyCommon
 from raylight.shared import sharded
 
 if TYPE_CHECKING:  # types only: rank_trainer builds the strategy
     from raylight.module import LightningModule
-    from raylight.rank.optim import LightningOptimizer
     from raylight.rank.rank_trainer import RankTrainer
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -57,7 +57,7 @@ class _StepModule(nn.Module):
         return hooks.call_module(self._trainer, step_name, *args)
 
 
-class FSDPStrategy(StrategySurface):
+class FSDPStrategy(StrategyCommon):
     """Fully sharded data parallel on FSDP2; ``settings`` come from the driver's
     ``raylight.strategies.FSDPStrategy``."""
 
@@ -118,9 +118,6 @@ class FSDPStrategy(StrategySurface):
             # background thread, beside the training step's on the default group.
             self._checkpoint_group = dist.new_group(backend="gloo")
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return self.precision.autocast()
-
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         if not self._trainer.lightning_module.automatic_optimization:
             raise RuntimeError(
@@ -162,23 +159,6 @@ class FSDPStrategy(StrategySurface):
     def after_manual_step(self) -> None:
         """Nothing to re-arm: FSDP keeps no per-forward sync state between steps."""
 
-    def after_closure(self, optimizer: LightningOptimizer) -> None:
-        """Unscale, hook, clip, as under DDP. ``clip_grad_norm_`` over DTensor gradients
-        reduces the norm across the shards, so the clip is the same as on whole tensors."""
-        trainer = self._trainer
-        self.precision.unscale(optimizer.optimizer)
-        hooks.call(trainer, "on_before_optimizer_step", optimizer.optimizer)
-        hooks.call_module(
-            trainer,
-            "configure_gradient_clipping",
-            optimizer.optimizer,
-            trainer.config.gradient_clip_val,
-            trainer.config.gradient_clip_algorithm,
-        )
-
-    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        return self.precision.step(optimizer, closure, **kwargs)
-
     # ---- state dicts ---------------------------------------------------------------------------
     def model_state_dict(self) -> dict[str, Any]:
         """Shards (DTensors) for a sharded checkpoint; else whole CPU tensors on rank 0 (and an
@@ -201,7 +181,7 @@ class FSDPStrategy(StrategySurface):
     ) -> None:
         """Shards from a sharded checkpoint, or whole tensors (a ``.ckpt``) that every rank
         read: each rank keeps its own shard of them."""
-        full = not any(isinstance(v, torch.distributed.tensor.DTensor) for v in state_dict.values())
+        full = not any(isinstance(v, DTensor) for v in state_dict.values())
         set_model_state_dict(
             self._trainer.lightning_module,
             state_dict,
@@ -258,8 +238,6 @@ class FSDPStrategy(StrategySurface):
 
 
 def _holds_whole_tensors(state: dict[str, Any]) -> bool:
-    from torch.distributed.tensor import DTensor
-
     tensors = [v for s in state.get("state", {}).values() for v in s.values()]
     return not any(isinstance(v, DTensor) for v in tensors)
 

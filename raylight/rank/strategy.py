@@ -7,7 +7,7 @@ and the optimizer step. The loops call these methods and never branch on the str
 
 It is also Lightning's ``trainer.strategy`` (``root_device``, ``barrier``, ``broadcast``,
 ``reduce_boolean_decision``), the part user code reaches for. Sharded training (FSDP2) is
-``fsdp.py``: a second class with the same methods, sharing only that surface.
+``fsdp.py``: a second class with the same methods; the two share ``StrategyCommon``.
 """
 
 from __future__ import annotations
@@ -90,11 +90,13 @@ class _TrainingStepModule(nn.Module):
         return output
 
 
-class StrategySurface:
-    """Lightning's ``trainer.strategy`` methods that user code calls, the same under every
-    strategy (a strategy sets ``_trainer``)."""
+class StrategyCommon:
+    """What every strategy shares: Lightning's ``trainer.strategy`` methods that user code
+    calls, autocast, and the optimizer step around the user's closure (a strategy sets
+    ``_trainer`` and ``precision``)."""
 
     _trainer: RankTrainer
+    precision: Precision
 
     @property
     def root_device(self) -> torch.device:
@@ -120,8 +122,32 @@ class StrategySurface:
         flag = self._trainer._all_reduce(flag, "sum")
         return bool(flag == self._trainer.world_size) if all else bool(flag > 0)
 
+    # ---- the step, around the user's code ------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return self.precision.autocast()
 
-class DDPStrategy(StrategySurface):
+    def after_closure(self, optimizer: LightningOptimizer) -> None:
+        """Between backward and the optimizer step: unscale, hook, clip (Lightning's order).
+        Under FSDP ``clip_grad_norm_`` over DTensor gradients reduces the norm across the
+        shards, so the clip is the one whole tensors would get."""
+        trainer = self._trainer
+        self.precision.unscale(optimizer.optimizer)
+        hooks.call(trainer, "on_before_optimizer_step", optimizer.optimizer)
+        if trainer.lightning_module.automatic_optimization:
+            hooks.call_module(
+                trainer,
+                "configure_gradient_clipping",
+                optimizer.optimizer,
+                trainer.config.gradient_clip_val,
+                trainer.config.gradient_clip_algorithm,
+            )
+
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        """The real step (through the gradient scaler when there is one)."""
+        return self.precision.step(optimizer, closure, **kwargs)
+
+
+class DDPStrategy(StrategyCommon):
     """Data parallel: every rank holds the whole model; backward all-reduces gradients."""
 
     sharded_checkpoints = False  # checkpoints are whole .ckpt files, built on rank 0
@@ -149,9 +175,6 @@ class DDPStrategy(StrategySurface):
             **self._trainer.config.ddp_kwargs,
         )
         self._static_graph_first_reduce_done = False  # a new wrapper starts at iteration one
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return self.precision.autocast()
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         # Through the DDP wrapper, so that backward all-reduces the gradients.
@@ -222,24 +245,6 @@ class DDPStrategy(StrategySurface):
         if not self._static_graph_first_reduce_done:
             model.reducer._delay_all_reduce()
             self._static_graph_first_reduce_done = True
-
-    def after_closure(self, optimizer: LightningOptimizer) -> None:
-        """Between backward and the optimizer step: unscale, hook, clip (Lightning's order)."""
-        trainer = self._trainer
-        self.precision.unscale(optimizer.optimizer)
-        hooks.call(trainer, "on_before_optimizer_step", optimizer.optimizer)
-        if trainer.lightning_module.automatic_optimization:
-            hooks.call_module(
-                trainer,
-                "configure_gradient_clipping",
-                optimizer.optimizer,
-                trainer.config.gradient_clip_val,
-                trainer.config.gradient_clip_algorithm,
-            )
-
-    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        """The real step (through the gradient scaler when there is one)."""
-        return self.precision.step(optimizer, closure, **kwargs)
 
     # ---- state dicts ---------------------------------------------------------------------------
     def model_state_dict(self) -> dict[str, Any]:

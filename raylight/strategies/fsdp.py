@@ -82,6 +82,8 @@ class FSDPStrategy:
                     f"FSDPStrategy({name}=...) is not an argument raylight's FSDPStrategy "
                     "takes: check its spelling, or see help(raylight.strategies.FSDPStrategy)."
                 )
+        # Lightning also takes torch's ShardingStrategy enum (FSDP1's); its names are ours.
+        sharding_strategy = getattr(sharding_strategy, "name", sharding_strategy)
         if sharding_strategy not in SHARDING_STRATEGIES:
             raise MisconfigurationException(
                 f"FSDPStrategy(sharding_strategy={sharding_strategy!r}): use one of "
