@@ -164,7 +164,66 @@ def shrink_and_grow(workdir: str) -> dict:
     }
 
 
+class ShardedNodeKiller(NodeKiller):
+    """Adam, so that there is optimizer state to shard and to carry through each resize."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def shrink_and_grow_fsdp(workdir: str) -> dict:
+    """As shrink_and_grow, with ``strategy="fsdp"``: the step-4 recovery checkpoint is written
+    in shards by two ranks and read resharded by one, the resize checkpoint the other way."""
+    from raylight.shared import sharded
+
+    recorder = SampleRecorder()
+    root = os.path.join(workdir, "run")
+    trainer = pl.Trainer(
+        strategy="fsdp",
+        num_workers=(1, 2),
+        max_epochs=3,
+        max_failures=1,
+        elastic_check_interval=0,
+        recovery_every_n_train_steps=2,
+        default_root_dir=root,
+        callbacks=[
+            recorder,
+            WaitsForNodeBack(workdir),
+            pl.callbacks.ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), save_last=True),
+        ],
+        logger=False,
+        enable_progress_bar=False,
+    )
+    pl.seed_everything(0)
+    model = ShardedNodeKiller(workdir, node="c", step=5)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, _loader())
+    last = os.path.join(root, "ckpt", "last.ckpt")
+    saved = sharded.read_full(last)
+    weights = model.state_dict()
+    (optimizer,) = saved["optimizer_states"]
+    return {
+        "steps": trainer.global_step,
+        "seen": recorder.seen,
+        "world_sizes": recorder.world_sizes,
+        "messages": [str(w.message) for w in caught],
+        "sharded": {
+            name: sharded.is_sharded(os.path.join(root, "recovery", name))
+            for name in os.listdir(os.path.join(root, "recovery"))
+        },
+        "trained": all(not torch.equal(weights[k], v) for k, v in initial.items()),
+        # the driver's model holds the last checkpoint's weights, gathered from the shards
+        "driver_is_last": all(torch.equal(saved["state_dict"][k], v) for k, v in weights.items()),
+        "last_step": saved["global_step"],
+        # Adam counted every step through the shrink and the grow: no state was dropped
+        "adam_steps": sorted({int(s["step"]) for s in optimizer["state"].values()}),
+    }
+
+
 if __name__ == "__main__":
     scenario, workdir = sys.argv[1], sys.argv[2]
-    report = {"node_loss": node_loss, "shrink_and_grow": shrink_and_grow}[scenario](workdir)
+    scenarios = [node_loss, shrink_and_grow, shrink_and_grow_fsdp]
+    report = {f.__name__: f for f in scenarios}[scenario](workdir)
     print("REPORT " + json.dumps(report), flush=True)

@@ -102,3 +102,26 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(cluster, tmp_path):
     assert report["mlflow_runs"] == 1
     assert steps == sorted(set(steps)) and len(steps) == report["steps"] - 4, steps
     assert any("restarting the group bigger" in m for m in report["messages"])
+
+
+def test_fsdp_run_reshards_through_a_shrink_and_a_grow(cluster, tmp_path):
+    cluster.add_node(num_cpus=1, env={"RAYLIGHT_TEST_NODE": "b"})
+    node_c = cluster.add_node(num_cpus=1, env={"RAYLIGHT_TEST_NODE": "c"})
+    job = _start_job(cluster, "shrink_and_grow_fsdp", tmp_path)
+    _wait_for(tmp_path / "kill-node", job)
+    cluster.kill_node(node_c)
+    _wait_for(tmp_path / "shrunk", job)
+    cluster.add_node(num_cpus=1, env={"RAYLIGHT_TEST_NODE": "c"})
+    (tmp_path / "node-back").touch()
+    report = _report(job)
+    # The same course as the DDP run above: 12 steps in epoch 0, then 8 a epoch on 2 again.
+    assert report["world_sizes"] == {"0": [2, 1], "1": [2], "2": [2]}, report["messages"]
+    assert report["steps"] == 12 + 2 * 8
+    _each_sample_once_per_epoch(report, epochs=3)
+    assert any("restarting the group bigger" in m for m in report["messages"])
+    # Both the recovery checkpoints (2 ranks -> 1) and the resize one (1 -> 2) are sharded.
+    assert report["sharded"] and all(report["sharded"].values()), report["sharded"]
+    assert any(name.startswith("resize-") for name in report["sharded"]), report["sharded"]
+    assert report["last_step"] == report["steps"]
+    assert report["adam_steps"] == [report["steps"]]
+    assert report["trained"] and report["driver_is_last"]
