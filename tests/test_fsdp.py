@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from models import Classifier, loader, make_dataset
+from models import Classifier, ScriptedScore, loader, make_dataset
 from torch.utils.data import DataLoader, DistributedSampler
 
 import raylight as pl
-from raylight.shared import sharded
+from raylight.shared import sharded, storage
 from raylight.strategies import FSDPStrategy
 
 pytestmark = pytest.mark.slow
@@ -195,6 +195,63 @@ def test_a_sharded_checkpoint_loads_resharded_at_another_world_size(
     assert trainer.global_step == 6
     for name, value in model.state_dict().items():
         assert torch.equal(value, saved["state_dict"][name]), name
+
+
+class ScoredAdam(ClippedAdam):
+    validation_step = ScriptedScore.validation_step
+    SCORES = [*ScriptedScore.SCORES, -1.0]
+
+
+def _adam_steps(checkpoint: dict) -> set[int]:
+    (optimizer,) = checkpoint["optimizer_states"]
+    return {int(state["step"]) for state in optimizer["state"].values()}
+
+
+def test_sharded_checkpoints_top_k_last_link_and_resume_on_s3(ray_session, s3_server):
+    directory = storage.join(s3_server, "fsdp", "checkpoints")
+
+    def saver():
+        return pl.callbacks.ModelCheckpoint(
+            dirpath=directory,
+            filename="{epoch}-{score:.1f}",
+            monitor="score",
+            save_top_k=2,
+            save_last="link",
+        )
+
+    torch.manual_seed(5)
+    model = ScoredAdam()
+    trainer = _trainer(max_epochs=4, enable_checkpointing=True, callbacks=[saver()])
+    trainer.fit(model, loader(), loader())
+    # Epochs 0 and 2 fell out of the top 2 and were deleted from the bucket, shards and all;
+    # last.ckpt is a whole copy of epoch 3's directory (object stores have no links).
+    best = storage.join(directory, "epoch=3-score=0.0.ckpt")
+    last = storage.join(directory, "last.ckpt")
+    assert storage.list_names(directory, directories=True) == [
+        "epoch=1-score=1.0.ckpt",
+        "epoch=3-score=0.0.ckpt",
+        "last.ckpt",
+    ]
+    assert storage.list_names(directory) == []  # no stray file beside the directories
+    assert trainer.checkpoint_callback.best_model_path == best
+    assert storage.list_names(last) == storage.list_names(best)
+    for path in (best, last):
+        saved = sharded.read_full(path)
+        assert saved["global_step"] == 16 and _adam_steps(saved) == {16}
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, saved["state_dict"][name]), name
+
+    # Resume from the bucket's last.ckpt: Adam's state comes back from the shards with it.
+    # Epoch 4 scores best, so epoch 1 goes and last.ckpt is replaced by epoch 4's copy.
+    resumed = _trainer(max_epochs=5, enable_checkpointing=True, callbacks=[saver()])
+    resumed.fit(ScoredAdam(), loader(), loader(), ckpt_path=last)
+    assert resumed.global_step == 20
+    assert storage.list_names(directory, directories=True) == [
+        "epoch=3-score=0.0.ckpt",
+        "epoch=4-score=-1.0.ckpt",
+        "last.ckpt",
+    ]
+    assert _adam_steps(sharded.read_full(last)) == {20}
 
 
 def test_full_state_dict_type_writes_one_lightning_ckpt(ray_session, tmp_path):

@@ -172,6 +172,22 @@ def test_copy_tree_copies_a_folder_and_its_subfolders(where, tmp_path, request):
     assert (back / "sub" / "b.bin").read_bytes() == b"b"
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_copy_file_within_a_store_and_out_of_it(where, tmp_path, request):
+    root = (
+        str(tmp_path / "store")
+        if where == "local"
+        else storage.join(request.getfixturevalue("s3_server"), "copies")
+    )
+    source, copy = storage.join(root, "a.bin"), storage.join(root, "b", "a.bin")
+    storage.write_bytes(source, b"first")
+    storage.write_bytes(copy, b"older, longer content")
+    storage.copy_file(source, copy)  # replaces it
+    assert storage.read_bytes(copy) == b"first"
+    storage.copy_file(copy, str(tmp_path / "out.bin"))  # to local storage
+    assert (tmp_path / "out.bin").read_bytes() == b"first"
+
+
 @pytest.mark.slow
 def test_checkpoints_top_k_and_resume_on_s3(ray_session, s3_server):
     directory = storage.join(s3_server, "run", "checkpoints")

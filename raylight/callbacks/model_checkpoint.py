@@ -163,8 +163,9 @@ class ModelCheckpoint(Callback):
             # last.ckpt points at the file just saved (a copy on object stores), once it exists.
             last = self._last_path(trainer)
             self.last_model_path = last
+            link = sharded.link if trainer.strategy.sharded_checkpoints else storage.link
             if trainer.is_global_zero:
-                trainer._writer.after(lambda: storage.link(filepath, last))
+                trainer._writer.after(lambda: link(filepath, last))
         elif self.save_last:
             last = self._last_path(trainer)
             self.last_model_path = last

@@ -325,6 +325,19 @@ def _ordinary_optimizer_state(fqn_keyed: dict[str, Any]) -> dict[str, Any]:
     return {"state": dict(sorted(state.items())), "param_groups": param_groups}
 
 
+def link(target: str, location: str) -> None:
+    """``ModelCheckpoint(save_last="link")`` for a sharded checkpoint: a symlink to the
+    directory on local storage; on object stores, which have no links, a copy. The copy
+    deletes the older one first and writes ``.metadata`` last, so one cut short is never read
+    as complete."""
+    if not storage.is_uri(location):
+        storage.link(target, location)
+        return
+    delete_checkpoint(location)
+    for name in sorted(storage.list_names(target), key=lambda name: name == _INDEX_NAME):
+        storage.copy_file(storage.join(target, name), storage.join(location, name))
+
+
 def delete_checkpoint(location: str) -> None:
     """Delete a checkpoint: a ``.ckpt`` file, a link to one, or a sharded directory. Its
     ``.metadata`` and ``meta.pt`` go first, so an interrupted delete leaves an incomplete

@@ -326,6 +326,26 @@ def link(target: str, location: str) -> None:
 
 
 @_routed
+def copy_file(source: str, destination: str) -> None:
+    """Copy the file ``source`` to ``destination`` (each local or a URI), replacing it: within
+    one object store the store copies it, without the bytes passing through here."""
+    if not is_uri(source) and not is_uri(destination):
+        write_bytes(destination, read_bytes(source))  # atomic, as every local write here
+        return
+    source_fs, source_path = _resolve(source) if is_uri(source) else (None, _local(source))
+    target_fs, target_path = (
+        _resolve(destination) if is_uri(destination) else (None, _local(destination))
+    )
+    try:
+        if source_fs is not None and source_fs.equals(target_fs or pafs.LocalFileSystem()):
+            source_fs.copy_file(source_path, target_path)
+        else:
+            write_bytes(destination, read_bytes(source))
+    except OSError as error:
+        raise _unreachable(destination if target_fs else source, error) from None
+
+
+@_routed
 def copy_tree(source: str, destination: str) -> None:
     """Copy the folder ``source`` (local or URI) into ``destination`` (local or URI)."""
     if not is_uri(source) and not is_uri(destination):
