@@ -35,7 +35,7 @@ from typing import Any
 from ray.tune import PlacementGroupFactory
 
 from raylight.driver import connect
-from raylight.shared import storage
+from raylight.shared import sharded, storage
 
 CHECKPOINT_NAME = "checkpoint.ckpt"  # the file inside a checkpoint directory handed to Tune
 
@@ -95,10 +95,12 @@ def trial_root() -> str | None:
 
 
 def report(metrics: dict[str, float], checkpoint_path: str | None, root: str) -> None:
-    """``ray.tune.report`` with ``checkpoint_path`` (a .ckpt file) as a Tune checkpoint.
+    """``ray.tune.report`` with ``checkpoint_path`` (a .ckpt file, or a sharded checkpoint's
+    directory) as a Tune checkpoint.
 
-    The file reaches Tune through a folder under ``root`` that holds a hard link to it (no
-    copy on the same filesystem); Tune copies it into its storage, and the folder goes.
+    The checkpoint reaches Tune through a folder under ``root`` that holds hard links to its
+    files (no copy on the same filesystem); Tune copies them into its storage, and the folder
+    goes.
     """
     from ray import tune
 
@@ -115,7 +117,8 @@ def report(metrics: dict[str, float], checkpoint_path: str | None, root: str) ->
 
 @contextlib.contextmanager
 def checkpoint_from_tune(root: str) -> Iterator[str | None]:
-    """The .ckpt of the checkpoint Tune gives this trial to start from, or None.
+    """The .ckpt (or sharded directory) of the checkpoint Tune gives this trial to start from,
+    or None.
 
     Held under ``root`` while the context lasts (Tune may delete its own copy meanwhile,
     under ``num_to_keep``; a failure before this fit's first checkpoint resumes from it).
@@ -130,21 +133,33 @@ def checkpoint_from_tune(root: str) -> Iterator[str | None]:
     target = storage.join(root, ".raylight-tune-restore.ckpt")
     with given.as_directory() as folder:
         source = os.path.join(folder, CHECKPOINT_NAME)
-        if storage.is_uri(root):
+        storage.delete_tree(target)
+        if storage.is_uri(root) and os.path.isdir(source):
+            storage.copy_tree(source, target)
+        elif storage.is_uri(root):
             with open(source, "rb") as file:
                 storage.write_bytes(target, file.read())
         else:
             os.makedirs(root, exist_ok=True)
-            storage.delete(target)
             _place(source, target)
     try:
         yield target
     finally:
-        storage.delete(target)
+        storage.delete_tree(target)
 
 
 def _place(source: str, target: str) -> None:
-    """Put the checkpoint ``source`` (a path or a URI) at the local path ``target``."""
+    """Put the checkpoint ``source`` (a path or a URI; a file, or a sharded checkpoint's
+    directory) at the local path ``target``."""
+    if sharded.is_sharded(source):
+        os.makedirs(target)
+        for name in storage.list_names(source):
+            _place_file(storage.join(source, name), os.path.join(target, name))
+        return
+    _place_file(source, target)
+
+
+def _place_file(source: str, target: str) -> None:
     if storage.is_uri(source):
         with open(target, "wb") as file:
             file.write(storage.read_bytes(source))

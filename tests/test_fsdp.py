@@ -16,7 +16,7 @@ from models import Classifier, ScriptedScore, loader, make_dataset
 from torch.utils.data import DataLoader, DistributedSampler
 
 import raylight as pl
-from raylight.shared import sharded, storage
+from raylight.shared import checkpoint, sharded, storage
 from raylight.strategies import FSDPStrategy
 
 pytestmark = pytest.mark.slow
@@ -252,6 +252,36 @@ def test_sharded_checkpoints_top_k_last_link_and_resume_on_s3(ray_session, s3_se
         "last.ckpt",
     ]
     assert _adam_steps(sharded.read_full(last)) == {20}
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp_with_its_optimizer_state(ray_session, tmp_path):
+    """A DDP ``.ckpt`` numbers the optimizer's parameters; FSDP names them, and each rank
+    keeps its shard of Adam's moments. Going on from it under FSDP gives what going on under
+    DDP gives (to rounding: the gradients are reduced in another order)."""
+    torch.manual_seed(5)
+    ddp = pl.Trainer(
+        num_workers=2,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+    )
+    ddp.fit(ClippedAdam(), loader())
+    path = ddp.checkpoint_callback.best_model_path
+    assert isinstance(next(iter(checkpoint.load(path)["optimizer_states"][0]["state"])), int)
+    finished = {}
+    for strategy in ("ddp", "fsdp"):
+        model = ClippedAdam()
+        trainer = _trainer(max_epochs=2, strategy=strategy)
+        trainer.fit(model, loader(), ckpt_path=path)
+        assert trainer.global_step == 8
+        finished[strategy] = model.state_dict()
+    fresh = ClippedAdam()  # without Adam's moments the second epoch ends elsewhere
+    fresh.load_state_dict(ClippedAdam.load_from_checkpoint(path).state_dict())
+    _trainer(max_epochs=1).fit(fresh, loader())
+    for name, value in finished["fsdp"].items():
+        torch.testing.assert_close(value, finished["ddp"][name], rtol=0, atol=1e-6)
+        assert not torch.allclose(value, fresh.state_dict()[name], rtol=0, atol=1e-4), name
 
 
 def test_full_state_dict_type_writes_one_lightning_ckpt(ray_session, tmp_path):

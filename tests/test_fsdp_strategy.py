@@ -82,3 +82,22 @@ def test_the_drivers_weight_budget_must_be_a_size(budget):
 def test_unknown_strategy_names_list_fsdp():
     with pytest.raises(MisconfigurationException, match="'fsdp'"):
         pl.Trainer(strategy="deepspeed")
+
+
+def test_a_numbered_optimizer_state_is_named_by_parameter_for_fsdp():
+    from raylight.rank.fsdp import _keyed_by_name
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    optimizer = torch.optim.Adam(module.parameters())
+    module(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    named = _keyed_by_name(module, optimizer, optimizer.state_dict())
+    assert named["param_groups"][0]["params"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert torch.equal(
+        named["state"]["1.bias"]["exp_avg"], optimizer.state[module[1].bias]["exp_avg"]
+    )
+    assert _keyed_by_name(module, optimizer, named) is named  # already named: as it is
+
+    smaller = torch.optim.Adam(module[0].parameters())
+    with pytest.raises(ValueError, match="holds 4 parameters; this run's optimizer has 2"):
+        _keyed_by_name(module, smaller, optimizer.state_dict())

@@ -18,6 +18,7 @@ from ray import cloudpickle, tune
 from ray.tune.error import TuneError
 
 import raylight as pl
+from raylight.shared import sharded
 from raylight.tune import CHECKPOINT_NAME, resources
 
 pytestmark = pytest.mark.slow
@@ -180,6 +181,34 @@ def test_a_restarted_trial_resumes_from_its_last_reported_checkpoint(ray_session
     # The second attempt started from the epoch-1 checkpoint (step 4), not from scratch.
     assert result.metrics["start_step"] == 4.0
     assert result.metrics["step"] == 8 and result.metrics["epoch"] == 3
+
+
+def _fails_once_sharded(config):
+    trainer = pl.Trainer(
+        strategy="fsdp", num_workers=2, max_epochs=4, logger=False, enable_progress_bar=False
+    )
+    trainer.fit(FailsOnce(config["marker"]), datamodule=DataModule(n=64))
+
+
+def test_an_fsdp_trial_reports_sharded_checkpoints_and_resumes_from_one(ray_session, tmp_path):
+    tuner = tune.Tuner(
+        tune.with_resources(_fails_once_sharded, resources(num_workers=2)),
+        param_space={"marker": str(tmp_path / "failed-once")},
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path), name="sharded", failure_config=tune.FailureConfig(1)
+        ),
+    )
+    (result,) = tuner.fit()
+    assert result.error is None, result.error
+    assert (tmp_path / "failed-once").exists()
+    assert result.metrics["start_step"] == 4.0  # resumed from the epoch-1 sharded checkpoint
+    assert result.metrics["step"] == 8 and result.metrics["epoch"] == 3
+    with result.checkpoint.as_directory() as folder:
+        given = os.path.join(folder, CHECKPOINT_NAME)
+        assert sharded.is_sharded(given)  # Tune holds the shards, .metadata and meta.pt
+        restored = Classifier.load_from_checkpoint(given)
+        assert sharded.read_full(given)["global_step"] == 8
+    assert restored.hparams.lr == Classifier().hparams.lr
 
 
 def _sweep_trial(config):

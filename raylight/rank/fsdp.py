@@ -191,6 +191,7 @@ class FSDPStrategy(StrategyCommon):
     def load_optimizer_state_dicts(self, states: list[dict[str, Any]]) -> None:
         module = self._trainer.lightning_module
         for optimizer, state in zip(self._trainer.optimizers, states, strict=False):
+            state = _keyed_by_name(module, optimizer, state)
             full = _holds_whole_tensors(state)
             set_optimizer_state_dict(
                 module, optimizer, state, options=StateDictOptions(full_state_dict=full)
@@ -238,8 +239,38 @@ class FSDPStrategy(StrategyCommon):
 
 
 def _holds_whole_tensors(state: dict[str, Any]) -> bool:
+    """Whether an optimizer state holds whole tensors (from a ``.ckpt``) rather than this
+    rank's shards. One with no tensors but scalars (SGD without momentum holds none) loads
+    as it is."""
     tensors = [v for s in state.get("state", {}).values() for v in s.values()]
-    return not any(isinstance(v, DTensor) for v in tensors)
+    return any(
+        isinstance(v, torch.Tensor) and v.dim() > 0 and not isinstance(v, DTensor) for v in tensors
+    )
+
+
+def _keyed_by_name(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> dict[str, Any]:
+    """``Optimizer.state_dict()``'s form (parameters numbered in the optimizer's order, as DDP
+    and pytorch-lightning's DDP save them) as ``get_optimizer_state_dict``'s (parameters named
+    by FQN); a state already keyed by name as it is."""
+    groups = state.get("param_groups", [])
+    if not any(isinstance(p, int) for group in groups for p in group["params"]):
+        return state
+    names = {id(p): name for name, p in module.named_parameters()}
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    if len(ordered) != sum(len(group["params"]) for group in groups):
+        raise ValueError(
+            f"The checkpoint's optimizer state holds {sum(len(g['params']) for g in groups)} "
+            f"parameters; this run's optimizer has {len(ordered)}. Resume with the "
+            "configure_optimizers the checkpoint was saved with."
+        )
+    return {
+        "state": {ordered[i]: value for i, value in state.get("state", {}).items()},
+        "param_groups": [
+            {**group, "params": [ordered[i] for i in group["params"]]} for group in groups
+        ],
+    }
 
 
 def _build_mesh(trainer: RankTrainer, sharding_strategy: str) -> DeviceMesh:

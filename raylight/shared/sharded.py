@@ -321,7 +321,7 @@ def _ordinary_optimizer_state(fqn_keyed: dict[str, Any]) -> dict[str, Any]:
     for group in fqn_keyed["param_groups"]:
         params = [ids.setdefault(name, len(ids)) for name in group["params"]]
         param_groups.append({**group, "params": params})
-    state = {ids[name]: value for name, value in fqn_keyed["state"].items()}
+    state = {ids[name]: value for name, value in fqn_keyed.get("state", {}).items()}
     return {"state": dict(sorted(state.items())), "param_groups": param_groups}
 
 
