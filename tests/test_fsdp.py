@@ -321,19 +321,42 @@ def test_weights_above_the_budget_stay_off_the_driver(ray_session, tmp_path):
     assert not torch.equal(trained.layer[0].weight, before["layer.0.weight"])
 
 
-def test_manual_optimization_is_refused_with_what_to_use(ray_session):
-    class Manual(Classifier):
-        def __init__(self):
-            super().__init__()
-            self.automatic_optimization = False
+class TwoManualSteps(Classifier):
+    """Manual optimization: two optimizer steps a batch, so that the second forward must see
+    the first step's weights; clipping by norm across the shards; Adam's state sharded."""
 
-        def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        for _ in range(2):
+            loss = F.cross_entropy(self(batch[0]), batch[1])
+            optimizer.zero_grad()
             self.manual_backward(loss)
-            return loss
+            self.clip_gradients(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+            optimizer.step()
+        self.log("train_loss", loss)
 
-    with pytest.raises(RuntimeError, match="strategy='ddp'"):
-        _trainer(max_epochs=1).fit(Manual(), train_dataloaders=loader())
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("wrap", [None, {torch.nn.Linear}], ids=["root-only", "linear-units"])
+def test_manual_optimization_under_fsdp_matches_ddp(ray_session, wrap):
+    trained = {}
+    for strategy in ("ddp", FSDPStrategy(auto_wrap_policy=wrap)):
+        torch.manual_seed(5)
+        model = TwoManualSteps()
+        trainer = _trainer(max_epochs=2, strategy=strategy)
+        trainer.fit(model, loader(shuffle=True))
+        assert trainer.global_step == 16  # Lightning counts each optimizer step
+        trained[str(strategy)] = model.state_dict()
+    ddp, fsdp = trained.values()
+    for name, value in fsdp.items():
+        # to rounding: FSDP reduce-scatters where DDP all-reduces
+        torch.testing.assert_close(value, ddp[name], rtol=0, atol=1e-6)
 
 
 class DiesWritingShards(ClippedAdam):

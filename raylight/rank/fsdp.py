@@ -15,7 +15,7 @@ wrapping, gradient sync during accumulation, and the state dicts, which travel a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,6 +78,7 @@ class FSDPStrategy(StrategyCommon):
         self.model: Any = None  # the root FSDP unit, once set up
         self._checkpoint_group: Any = None  # asynchronous saves' own collectives
         self._pending_save: Any = None  # the last asynchronous save's future
+        self._in_manual_step = False  # inside a manual-optimization training_step
 
     # ---- Lightning's trainer.strategy ------------------------------------------------------
     @property
@@ -119,14 +120,12 @@ class FSDPStrategy(StrategyCommon):
             self._checkpoint_group = dist.new_group(backend="gloo")
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
-        if not self._trainer.lightning_module.automatic_optimization:
-            raise RuntimeError(
-                "strategy='fsdp' supports automatic optimization only: manual_backward would "
-                "run inside FSDP's forward, before its gradient hooks are in place. Use "
-                "strategy='ddp', or return the loss from training_step."
-            )
-        with self.precision.autocast():
-            return self.model("training_step", batch, batch_idx)
+        self._in_manual_step = not self._trainer.lightning_module.automatic_optimization
+        try:
+            with self.precision.autocast():
+                return self.model("training_step", batch, batch_idx)
+        finally:
+            self._in_manual_step = False
 
     def evaluation_context(self) -> contextlib.AbstractContextManager[Any]:
         """no_grad whatever ``Trainer(inference_mode)`` says: FSDP gathers parameters into
@@ -152,9 +151,27 @@ class FSDPStrategy(StrategyCommon):
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         trainer = self._trainer
+        manual = self._in_manual_step and loss.requires_grad
+        if manual:
+            # manual_backward runs inside the root unit's forward, before FSDP has hooked
+            # the step's output for backward. Hook the loss as FSDP hooks a unit's outputs
+            # (torch's FSDPState._pre_backward), so that this backward ends in FSDP's final
+            # callback: the root's gradients are reduce-scattered, its parameters resharded.
+            loss.register_hook(self.model._get_fsdp_state()._pre_backward)
         hooks.call(trainer, "on_before_backward", loss)
         hooks.call_module(trainer, "backward", self.precision.scale(loss), *args, **kwargs)
         hooks.call(trainer, "on_after_backward")
+        if manual:
+            self.model.unshard()  # the root's parameters again, for the rest of the step
+
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, **kwargs)
+        if self._in_manual_step:
+            # The root's gathered parameters are copies of the shards: gather the stepped
+            # ones, for a forward later in this step.
+            self.model.reshard()
+            self.model.unshard()
+        return output
 
     def after_manual_step(self) -> None:
         """Nothing to re-arm: FSDP keeps no per-forward sync state between steps."""
