@@ -112,8 +112,10 @@ def save_from_rank(
     ``on_commit`` runs once the file is complete in storage."""
     checkpoint = build(trainer, weights_only)
     if trainer.strategy.sharded_checkpoints:
+        # No barrier: the save's own collectives (on its group, in the background) order it.
         _save_sharded(trainer, checkpoint, filepath, on_commit)
-    elif trainer.is_global_zero:
+        return
+    if trainer.is_global_zero:
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # the copy: training may change the tensors after this
         trainer._writer.submit(filepath, buffer.getvalue(), on_commit)
