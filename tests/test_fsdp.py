@@ -127,6 +127,50 @@ def test_each_rank_holds_half_of_every_parameter_and_evaluates_through_the_shard
     assert model.layer[0].weight.shape == (16, 8)
 
 
+class ReportsShards(ClippedAdam):
+    """Logs (or, predicting, insists on) whether each evaluation step sees shards."""
+
+    def sharded(self):
+        return float(type(self.layer[0].weight).__name__ == "DTensor")
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("val_sharded", self.sharded())
+
+    def test_step(self, batch, batch_idx):
+        super().test_step(batch, batch_idx)
+        self.log("test_sharded", self.sharded())
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        assert self.sharded(), "predict ran on whole parameters"
+        return super().predict_step(batch, batch_idx, dataloader_idx)
+
+
+def test_validate_test_and_predict_of_their_own_run_sharded(ray_session, tmp_path):
+    torch.manual_seed(5)
+    model = ReportsShards()
+    trainer = _trainer(max_epochs=1, enable_checkpointing=True, default_root_dir=str(tmp_path))
+    trainer.fit(model, loader())
+    checkpoint = trainer.checkpoint_callback.best_model_path
+    assert sharded.is_sharded(checkpoint)
+    with torch.no_grad():
+        x, y = make_dataset().tensors
+        logits = model(x)
+    # val_loss is rank 0's (logged without sync_dist): DDP's figure is the one to equal
+    (ddp_validated,) = _trainer(strategy="ddp").validate(model, loader(batch_size=128))
+
+    evaluator = _trainer()
+    # From the driver's (trained) model, and from the sharded checkpoint into a fresh one:
+    # each rank loads its own shards of it.
+    (validated,) = evaluator.validate(model, loader(batch_size=128))
+    (tested,) = evaluator.test(ReportsShards(), loader(batch_size=128), ckpt_path=checkpoint)
+    predictions = evaluator.predict(ReportsShards(), loader(), ckpt_path=checkpoint)
+    assert validated["val_sharded"] == 1.0 and tested["test_sharded"] == 1.0
+    assert validated["val_loss"] == pytest.approx(ddp_validated["val_loss"], abs=1e-6)
+    assert tested["test_acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert torch.equal(torch.cat(predictions), logits.argmax(1))
+
+
 def test_hook_order_under_fsdp_is_lightnings(ray_session, tmp_path):
     import hook_recorder as hr
     from test_hook_order import assert_same_sequence, load_references

@@ -91,10 +91,11 @@ class FSDPStrategy(StrategyCommon):
 
     # ---- the step ------------------------------------------------------------------------------
     def place(self, module: LightningModule, fitting: bool) -> None:
-        """A fit's module moves shard by shard as it is sharded (a model larger than one
-        device never sits whole on it); an evaluation of its own moves it whole."""
+        """The module moves shard by shard as it is sharded, so a model larger than one device
+        never sits whole on it: a fit shards it in ``setup_module``; a validate, test or
+        predict call of its own (which builds no optimizer) is sharded here."""
         if not fitting:
-            module.to(self._trainer.device)
+            self.setup_module(module, find_unused_parameters=False)
 
     def setup_module(self, module: LightningModule, find_unused_parameters: bool) -> None:
         """Shard ``module``: the auto-wrap units first (innermost first), then the root."""
@@ -114,7 +115,7 @@ class FSDPStrategy(StrategyCommon):
         self.model = fully_shard(_StepModule(module, self._trainer), **options)
         if device.type != "cpu":
             module.to(device)  # buffers and anything fully_shard left where it was
-        if self._checkpoint_group is None and self.sharded_checkpoints:
+        if self._checkpoint_group is None and self.sharded_checkpoints and self._trainer._fitting:
             # Asynchronous saves coordinate on their own group: their collectives run on a
             # background thread, beside the training step's on the default group.
             self._checkpoint_group = dist.new_group(backend="gloo")
@@ -135,8 +136,6 @@ class FSDPStrategy(StrategyCommon):
     def evaluation_step(self, step_name: str, *args: Any) -> Any:
         """A validation, test or predict step, through the root unit when it is sharded."""
         with self.precision.autocast():
-            if self.model is None:  # an evaluation of its own: the module is whole here
-                return hooks.call_module(self._trainer, step_name, *args)
             return self.model(step_name, *args)
 
     @contextlib.contextmanager
