@@ -134,7 +134,7 @@ class FSDPStrategy(StrategyCommon):
         return torch.no_grad()
 
     def evaluation_step(self, step_name: str, *args: Any) -> Any:
-        """A validation, test or predict step, through the root unit when it is sharded."""
+        """A validation, test or predict step, through the root unit."""
         with self.precision.autocast():
             return self.model(step_name, *args)
 
