@@ -387,10 +387,15 @@ class TwoManualSteps(Classifier):
         return torch.optim.Adam(self.parameters(), lr=0.01)
 
 
-@pytest.mark.parametrize("wrap", [None, {torch.nn.Linear}], ids=["root-only", "linear-units"])
-def test_manual_optimization_under_fsdp_matches_ddp(ray_session, wrap):
+@pytest.mark.parametrize(
+    ("wrap", "sharding"),
+    [(None, "FULL_SHARD"), ({torch.nn.Linear}, "FULL_SHARD"), ({torch.nn.Linear}, "SHARD_GRAD_OP")],
+    ids=["root-only", "linear-units", "linear-units-shard-grad-op"],
+)
+def test_manual_optimization_under_fsdp_matches_ddp(ray_session, wrap, sharding):
     trained = {}
-    for strategy in ("ddp", FSDPStrategy(auto_wrap_policy=wrap)):
+    fsdp = FSDPStrategy(auto_wrap_policy=wrap, sharding_strategy=sharding)
+    for strategy in ("ddp", fsdp):
         torch.manual_seed(5)
         model = TwoManualSteps()
         trainer = _trainer(max_epochs=2, strategy=strategy)

@@ -124,6 +124,22 @@ def test_a_permanent_write_error_is_not_retried_and_stops_at_the_next_check(tmp_
     assert len(calls) == 1 and time.monotonic() - started < 5  # no retry, no back-off
 
 
+def test_actions_after_a_failed_upload_do_not_run(tmp_path, monkeypatch):
+    writer = checkpointing.AsyncWriter(attempts=1)
+
+    def full_disk(location, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ran = []
+    writer.after(lambda: ran.append("before"))
+    monkeypatch.setattr(storage, "write_bytes", full_disk)
+    writer.submit(str(tmp_path / "a.ckpt"), b"a", None)
+    writer.after(lambda: ran.append("link to a.ckpt"))  # as save_last="link" queues it
+    with pytest.raises(OSError, match="No space left"):
+        writer.wait(timeout_s=30)
+    assert ran == ["before"]
+
+
 def test_join_keeps_uri_query_and_redacts_credentials(tmp_path):
     uri = "s3://key:secret@bucket/run?endpoint_override=h:1&scheme=http"
     assert storage.join(uri, "checkpoints", "a.ckpt") == (

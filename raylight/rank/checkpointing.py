@@ -189,8 +189,13 @@ class AsyncWriter:
         self._pending.append(self._executor.submit(self._write, location, data, on_commit))
 
     def after(self, action: Callable[[], None]) -> None:
-        """Run ``action`` on the writer thread once every earlier upload has committed."""
-        self._pending.append(self._executor.submit(self._guarded, action))
+        """Run ``action`` on the writer thread once every earlier upload has committed; not at
+        all once one has failed (``save_last="link"`` must not point at a failed save)."""
+        self._pending.append(self._executor.submit(self._unless_failed, action))
+
+    def _unless_failed(self, action: Callable[[], None]) -> None:
+        if self._failure is None:
+            self._guarded(action)
 
     def wait(self, timeout_s: float = 600.0) -> None:
         """Block until every upload is committed; raise the first failure."""

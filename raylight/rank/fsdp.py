@@ -115,7 +115,7 @@ class FSDPStrategy(StrategyCommon):
         self.model = fully_shard(_StepModule(module, self._trainer), **options)
         if device.type != "cpu":
             module.to(device)  # buffers and anything fully_shard left where it was
-        if self._checkpoint_group is None and self.sharded_checkpoints and self._trainer._fitting:
+        if self._checkpoint_group is None and self.sharded_checkpoints:
             # Asynchronous saves coordinate on their own group: their collectives run on a
             # background thread, beside the training step's on the default group.
             self._checkpoint_group = dist.new_group(backend="gloo")
@@ -166,9 +166,12 @@ class FSDPStrategy(StrategyCommon):
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, closure, **kwargs)
         if self._in_manual_step:
-            # The root's gathered parameters are copies of the shards: gather the stepped
-            # ones, for a forward later in this step.
-            self.model.reshard()
+            # Gathered parameters are copies of the shards: free every unit's (under
+            # SHARD_GRAD_OP inner units stay gathered after their forward), and gather the
+            # root's stepped ones again for a forward later in this step.
+            for unit in self.model.modules():
+                if isinstance(unit, FSDPModule):
+                    unit.reshard()
             self.model.unshard()
         return output
 

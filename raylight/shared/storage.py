@@ -73,6 +73,7 @@ _ROUTED_LOCATIONS = {
     "list_names": 1,
     "link": 2,
     "copy_tree": 2,
+    "copy_file": 2,
     "makedirs": 1,
     "rename": 2,
     "delete_tree": 1,
@@ -327,20 +328,33 @@ def link(target: str, location: str) -> None:
 
 @_routed
 def copy_file(source: str, destination: str) -> None:
-    """Copy the file ``source`` to ``destination`` (each local or a URI), replacing it: within
-    one object store the store copies it, without the bytes passing through here."""
+    """Copy the file ``source`` to ``destination`` (each local or a URI), replacing it. The
+    bytes stream through in chunks (no whole shard in memory; an object store's own copy
+    refuses objects over 5 GiB); an object appears once its upload is complete."""
     if not is_uri(source) and not is_uri(destination):
-        write_bytes(destination, read_bytes(source))  # atomic, as every local write here
+        path = _local(destination)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        partial = f"{path}.partial-{uuid.uuid4().hex}"
+        try:
+            shutil.copyfile(_local(source), partial)
+            os.replace(partial, path)  # atomic, as every local write here
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
         return
     source_fs, source_path = _resolve(source) if is_uri(source) else (None, _local(source))
     target_fs, target_path = (
         _resolve(destination) if is_uri(destination) else (None, _local(destination))
     )
+    if target_fs is None:
+        os.makedirs(os.path.dirname(os.path.abspath(target_path)), exist_ok=True)
     try:
-        if source_fs is not None and source_fs.equals(target_fs or pafs.LocalFileSystem()):
-            source_fs.copy_file(source_path, target_path)
-        else:
-            write_bytes(destination, read_bytes(source))
+        pafs.copy_files(
+            source_path,
+            target_path,
+            source_filesystem=source_fs or pafs.LocalFileSystem(),
+            destination_filesystem=target_fs or pafs.LocalFileSystem(),
+        )
     except OSError as error:
         raise _unreachable(destination if target_fs else source, error) from None
 
