@@ -137,8 +137,7 @@ def checkpoint_from_tune(root: str) -> Iterator[str | None]:
         if storage.is_uri(root) and os.path.isdir(source):
             storage.copy_tree(source, target)
         elif storage.is_uri(root):
-            with open(source, "rb") as file:
-                storage.write_bytes(target, file.read())
+            storage.copy_file(source, target)
         else:
             os.makedirs(root, exist_ok=True)
             _place(source, target)
@@ -161,8 +160,7 @@ def _place(source: str, target: str) -> None:
 
 def _place_file(source: str, target: str) -> None:
     if storage.is_uri(source):
-        with open(target, "wb") as file:
-            file.write(storage.read_bytes(source))
+        storage.copy_file(source, target)
         return
     try:
         os.link(source, target)  # no copy on the same filesystem

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import time
 
@@ -202,6 +203,10 @@ def test_copy_file_within_a_store_and_out_of_it(where, tmp_path, request):
     assert storage.read_bytes(copy) == b"first"
     storage.copy_file(copy, str(tmp_path / "out.bin"))  # to local storage
     assert (tmp_path / "out.bin").read_bytes() == b"first"
+    last = storage.join(root, "last.ckpt")
+    storage.link(source, last)  # a symlink locally, a copy on the object store
+    assert storage.read_bytes(last) == b"first"
+    assert os.path.islink(last) == (where == "local")
 
 
 @pytest.mark.slow

@@ -323,7 +323,7 @@ def link(target: str, location: str) -> None:
             os.remove(temporary)
             raise
         return
-    write_bytes(location, read_bytes(target))
+    copy_file(target, location)
 
 
 @_routed
