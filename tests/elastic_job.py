@@ -92,6 +92,12 @@ class WaitsForNodeBack(pl.Callback):
                     time.sleep(0.2)
 
 
+# Elastic (1, 2), checking for room at every epoch end, restored from a step-2 recovery point.
+ELASTIC = dict(
+    num_workers=(1, 2), max_failures=1, elastic_check_interval=0, recovery_every_n_train_steps=2
+)
+
+
 def _loader() -> DataLoader:
     return DataLoader(IndexedDataset(64), batch_size=4)
 
@@ -136,11 +142,8 @@ def shrink_and_grow(workdir: str) -> dict:
     tracking_uri = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
     logger = pl.loggers.MLFlowLogger(experiment_name="elastic", tracking_uri=tracking_uri)
     trainer = pl.Trainer(
-        num_workers=(1, 2),
+        **ELASTIC,
         max_epochs=4,
-        max_failures=1,
-        elastic_check_interval=0,
-        recovery_every_n_train_steps=2,
         enable_checkpointing=False,
         default_root_dir=os.path.join(workdir, "run"),
         logger=logger,
@@ -179,12 +182,9 @@ def shrink_and_grow_fsdp(workdir: str) -> dict:
     recorder = SampleRecorder()
     root = os.path.join(workdir, "run")
     trainer = pl.Trainer(
+        **ELASTIC,
         strategy="fsdp",
-        num_workers=(1, 2),
         max_epochs=3,
-        max_failures=1,
-        elastic_check_interval=0,
-        recovery_every_n_train_steps=2,
         default_root_dir=root,
         callbacks=[
             recorder,

@@ -78,16 +78,22 @@ def test_a_lost_node_is_replaced_and_the_result_is_exact(cluster, tmp_path):
     assert report["world_sizes"] == {"0": [2], "1": [2], "2": [2]}
 
 
-def test_elastic_run_shrinks_on_node_loss_and_grows_back(cluster, tmp_path):
+def _shrink_and_grow(cluster: LocalCluster, scenario: str, workdir) -> dict:
+    """One worker node each for b and c; c dies when the job asks, and comes back once the
+    job has shrunk."""
     cluster.add_node(num_cpus=1, env={"RAYLIGHT_TEST_NODE": "b"})
     node_c = cluster.add_node(num_cpus=1, env={"RAYLIGHT_TEST_NODE": "c"})
-    job = _start_job(cluster, "shrink_and_grow", tmp_path)
-    _wait_for(tmp_path / "kill-node", job)
+    job = _start_job(cluster, scenario, workdir)
+    _wait_for(workdir / "kill-node", job)
     cluster.kill_node(node_c)
-    _wait_for(tmp_path / "shrunk", job)
+    _wait_for(workdir / "shrunk", job)
     cluster.add_node(num_cpus=1, env={"RAYLIGHT_TEST_NODE": "c"})
-    (tmp_path / "node-back").touch()
-    report = _report(job)
+    (workdir / "node-back").touch()
+    return _report(job)
+
+
+def test_elastic_run_shrinks_on_node_loss_and_grows_back(cluster, tmp_path):
+    report = _shrink_and_grow(cluster, "shrink_and_grow", tmp_path)
     # Epoch 0: 4 steps on 2 workers, then (restored from the step-4 recovery checkpoint)
     # its other 32 samples on 1 worker: 8 steps. Epochs 1-3 on 2 workers again: 8 steps each.
     assert report["world_sizes"] == {"0": [2, 1], "1": [2], "2": [2], "3": [2]}, report["messages"]
@@ -105,15 +111,7 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(cluster, tmp_path):
 
 
 def test_fsdp_run_reshards_through_a_shrink_and_a_grow(cluster, tmp_path):
-    cluster.add_node(num_cpus=1, env={"RAYLIGHT_TEST_NODE": "b"})
-    node_c = cluster.add_node(num_cpus=1, env={"RAYLIGHT_TEST_NODE": "c"})
-    job = _start_job(cluster, "shrink_and_grow_fsdp", tmp_path)
-    _wait_for(tmp_path / "kill-node", job)
-    cluster.kill_node(node_c)
-    _wait_for(tmp_path / "shrunk", job)
-    cluster.add_node(num_cpus=1, env={"RAYLIGHT_TEST_NODE": "c"})
-    (tmp_path / "node-back").touch()
-    report = _report(job)
+    report = _shrink_and_grow(cluster, "shrink_and_grow_fsdp", tmp_path)
     # The same course as the DDP run above: 12 steps in epoch 0, then 8 a epoch on 2 again.
     assert report["world_sizes"] == {"0": [2, 1], "1": [2], "2": [2]}, report["messages"]
     assert report["steps"] == 12 + 2 * 8

@@ -163,7 +163,13 @@ class FailsOnce(Classifier):
 
 
 def _fails_once(config):
-    trainer = pl.Trainer(num_workers=2, max_epochs=4, logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        strategy=config.get("strategy", "ddp"),
+        num_workers=2,
+        max_epochs=4,
+        logger=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(FailsOnce(config["marker"]), datamodule=DataModule(n=64))
 
 
@@ -183,17 +189,10 @@ def test_a_restarted_trial_resumes_from_its_last_reported_checkpoint(ray_session
     assert result.metrics["step"] == 8 and result.metrics["epoch"] == 3
 
 
-def _fails_once_sharded(config):
-    trainer = pl.Trainer(
-        strategy="fsdp", num_workers=2, max_epochs=4, logger=False, enable_progress_bar=False
-    )
-    trainer.fit(FailsOnce(config["marker"]), datamodule=DataModule(n=64))
-
-
 def test_an_fsdp_trial_reports_sharded_checkpoints_and_resumes_from_one(ray_session, tmp_path):
     tuner = tune.Tuner(
-        tune.with_resources(_fails_once_sharded, resources(num_workers=2)),
-        param_space={"marker": str(tmp_path / "failed-once")},
+        tune.with_resources(_fails_once, resources(num_workers=2)),
+        param_space={"marker": str(tmp_path / "failed-once"), "strategy": "fsdp"},
         run_config=tune.RunConfig(
             storage_path=str(tmp_path), name="sharded", failure_config=tune.FailureConfig(1)
         ),

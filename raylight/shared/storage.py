@@ -342,21 +342,7 @@ def copy_file(source: str, destination: str) -> None:
             with contextlib.suppress(OSError):
                 os.remove(partial)
         return
-    source_fs, source_path = _resolve(source) if is_uri(source) else (None, _local(source))
-    target_fs, target_path = (
-        _resolve(destination) if is_uri(destination) else (None, _local(destination))
-    )
-    if target_fs is None:
-        os.makedirs(os.path.dirname(os.path.abspath(target_path)), exist_ok=True)
-    try:
-        pafs.copy_files(
-            source_path,
-            target_path,
-            source_filesystem=source_fs or pafs.LocalFileSystem(),
-            destination_filesystem=target_fs or pafs.LocalFileSystem(),
-        )
-    except OSError as error:
-        raise _unreachable(destination if target_fs else source, error) from None
+    _stream_copy(source, destination, folder=False)
 
 
 @_routed
@@ -365,12 +351,17 @@ def copy_tree(source: str, destination: str) -> None:
     if not is_uri(source) and not is_uri(destination):
         shutil.copytree(_local(source), _local(destination), dirs_exist_ok=True)
         return
+    _stream_copy(source, destination, folder=True)
+
+
+def _stream_copy(source: str, destination: str, folder: bool) -> None:
+    """A file or a folder between any two stores, streamed by pyarrow (one of them a URI)."""
     source_fs, source_path = _resolve(source) if is_uri(source) else (None, _local(source))
     target_fs, target_path = (
         _resolve(destination) if is_uri(destination) else (None, _local(destination))
     )
     if target_fs is None:
-        os.makedirs(target_path, exist_ok=True)
+        os.makedirs(target_path if folder else os.path.dirname(target_path) or ".", exist_ok=True)
     try:
         pafs.copy_files(
             source_path,
