@@ -20,7 +20,7 @@ from typing import Any
 import ray
 import torch
 
-from raylight.callbacks import Callback, ModelCheckpoint, ModelSummary
+from raylight.callbacks import Callback, ModelCheckpoint, ModelSummary, OnExceptionCheckpoint
 from raylight.datamodule import LightningDataModule
 from raylight.driver import connect, lightning_flags, logger_relay, profile_report, sharing
 from raylight.driver.display import ProgressDisplay, progress_bar_of
@@ -626,6 +626,10 @@ class Trainer:
         if self._board is None:
             self._board = ray.remote(RunBoard).options(num_cpus=0).remote()
         group.board = self._board
+        # Under FSDP its ranks write their pieces while the first error travels here.
+        group.exception_saves = self.config.fsdp is not None and any(
+            isinstance(cb, OnExceptionCheckpoint) for cb in self.callbacks
+        )
         group.expected_size, self._expected_size = self._expected_size, 0
         group.removed_pgs = self._removed_pgs  # shared across this Trainer's groups
         group.version_warnings = self._version_warnings

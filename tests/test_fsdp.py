@@ -456,3 +456,62 @@ def test_a_rank_killed_during_an_async_sharded_save_resumes_from_the_previous_on
         assert torch.equal(model.state_dict()[name], value), name
     last = trainer.checkpoint_callback.best_model_path
     sharded.check_complete(last)
+
+
+# ---- OnExceptionCheckpoint ----------------------------------------------------------------------
+class FailsMidEpoch(ClippedAdam):
+    """Raises at epoch 1, batch 2 (global step 6): on every rank, or on rank 1 only (rank 0
+    then waits in a collective for it)."""
+
+    def __init__(self, failing_ranks: tuple[int, ...] = (0, 1)) -> None:
+        super().__init__()
+        self.failing_ranks = failing_ranks
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank in self.failing_ranks and self.current_epoch == 1 and batch_idx == 2:
+            raise RuntimeError("failing on purpose")
+        return super().training_step(batch, batch_idx)
+
+
+def test_on_exception_checkpoint_joins_every_ranks_shards_and_resumes_exactly(
+    ray_session, tmp_path
+):
+    callback = pl.callbacks.OnExceptionCheckpoint(str(tmp_path / "crash"))
+    torch.manual_seed(5)
+    with pytest.raises(RuntimeError, match="failing on purpose") as raised:
+        _trainer(max_epochs=2, callbacks=[callback]).fit(FailsMidEpoch(), loader(shuffle=True))
+    assert not any("OnExceptionCheckpoint" in note for note in raised.value.__notes__)
+    sharded.check_complete(callback.ckpt_path)
+    saved = sharded.read_full(callback.ckpt_path)
+    assert saved["global_step"] == 6 and saved["epoch"] == 1
+    assert saved["raylight"]["batches_done"] == 2
+    assert len(saved["raylight"]["rng_states"]) == 2  # each rank's own
+    assert _adam_steps(saved) == {6}
+
+    torch.manual_seed(5)
+    straight = ClippedAdam()
+    _trainer(max_epochs=2).fit(straight, loader(shuffle=True))
+    resumed = ClippedAdam()
+    trainer = _trainer(
+        max_epochs=2, callbacks=[pl.callbacks.OnExceptionCheckpoint(str(tmp_path / "crash"))]
+    )
+    trainer.fit(resumed, loader(shuffle=True), ckpt_path=callback.ckpt_path)
+    assert trainer.global_step == 8
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    # A fit that ends normally removes it, as Lightning's teardown does.
+    assert not storage.exists(callback.ckpt_path)
+
+
+def test_on_exception_checkpoint_stays_incomplete_when_one_rank_raises(ray_session, tmp_path):
+    callback = pl.callbacks.OnExceptionCheckpoint(str(tmp_path / "crash"))
+    with pytest.raises(RuntimeError, match="failing on purpose") as raised:
+        _trainer(max_epochs=2, callbacks=[callback]).fit(
+            FailsMidEpoch(failing_ranks=(1,)), loader(shuffle=True)
+        )
+    (note,) = [note for note in raised.value.__notes__ if "OnExceptionCheckpoint" in note]
+    assert "rank(s) [1] wrote their pieces" in note and "rank 0 wrote no piece" in note
+    with pytest.raises(FileNotFoundError, match="pieces of only some ranks"):
+        sharded.check_complete(callback.ckpt_path)
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        ClippedAdam.load_from_checkpoint(callback.ckpt_path)

@@ -93,10 +93,16 @@ def _load_sharded(model: nn.Sequential, optimizers: list, location: str) -> None
 
 
 def _save_and_reload(
-    rank: int, store: str, locations: dict[str, str], async_location: str, results: str
+    rank: int,
+    store: str,
+    locations: dict[str, str],
+    async_location: str,
+    pieces: dict[str, str],
+    results: str,
 ) -> None:
-    """One of two ranks: train, save to every location (and once with async_save), then load
-    each back into freshly built ranks; rank 0 keeps the full states for the test to compare."""
+    """One of two ranks: train, save to every location (and once with async_save, and once
+    in pieces, one rank at a time), then load each back into freshly built ranks; rank 0
+    keeps the full states for the test to compare."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
@@ -116,6 +122,18 @@ def _save_and_reload(
         dcp.async_save(
             state, storage_writer=sharded.storage_writer(async_location), process_group=writes
         ).result()
+        # Each rank's piece while the other waits outside any collective: a piece needing
+        # one would hang here.
+        lacking: dict[str, list] = {where: [] for where in pieces}
+        for turn in range(WORLD_SIZE):
+            if rank == turn:
+                meta = {**META, "raylight": {"rng_states": [f"rank {rank}'s"]}}
+                for where, location in pieces.items():
+                    sharded.save_piece(location, rank, state, meta, group="fit@host:1 step 24")
+                    lacking[where].append(sharded.join_pieces(location, WORLD_SIZE))
+            dist.barrier()
+        joins: list = [None] * WORLD_SIZE
+        dist.all_gather_object(joins, lacking)
         reloaded = {}
         for where, location in locations.items():
             fresh, fresh_optimizers = _sharded_model(WORLD_SIZE, seed=1)
@@ -123,7 +141,7 @@ def _save_and_reload(
             reloaded[where] = _state(fresh, fresh_optimizers, full=True)
         reference = _state(model, optimizers, full=True)
         if rank == 0:
-            torch.save({"reference": reference, "reloaded": reloaded}, results)
+            torch.save({"reference": reference, "reloaded": reloaded, "joins": joins}, results)
     finally:
         dist.destroy_process_group()
 
@@ -137,13 +155,17 @@ def saved(tmp_path_factory, s3_server):
         "s3": storage.join(s3_server, "sharded", "epoch=2-step=24.ckpt"),
     }
     async_location, results = str(folder / "async.ckpt"), str(folder / "results.pt")
+    pieces = {
+        "local": str(folder / "on_exception.ckpt"),
+        "s3": storage.join(s3_server, "sharded", "on_exception.ckpt"),
+    }
     multiprocessing.spawn(
         _save_and_reload,
-        args=(str(folder / "store"), locations, async_location, results),
+        args=(str(folder / "store"), locations, async_location, pieces, results),
         nprocs=WORLD_SIZE,
     )
     outcome = torch.load(results, weights_only=True)
-    return {"locations": locations, "async": async_location, **outcome}
+    return {"locations": locations, "async": async_location, "pieces": pieces, **outcome}
 
 
 def _assert_same(actual, expected, where: str = "") -> None:
@@ -221,6 +243,45 @@ def test_one_rank_loads_it_resharded(saved, where, process_group):
     model, optimizers = _sharded_model(world_size=1, seed=1)
     _load_sharded(model, optimizers, saved["locations"][where])
     _assert_same(_state(model, optimizers, full=True), saved["reference"])
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_pieces_written_without_collectives_join_into_the_same_checkpoint(saved, where):
+    """OnExceptionCheckpoint under FSDP: rank 0's piece alone is not a checkpoint; rank 1's
+    completes it, with every rank's generator states."""
+    assert [rank_joins[where] for rank_joins in saved["joins"]] == [
+        ["rank 1 wrote no piece"],
+        [None],
+    ]
+    location = saved["pieces"][where]
+    sharded.check_complete(location)
+    joined = sharded.read_full(location)
+    assert joined.pop("raylight") == {"rng_states": ["rank 0's", "rank 1's"]}
+    assert "raylight_piece_of" not in joined
+    _assert_same(joined, sharded.read_full(saved["locations"][where]))
+    _assert_same(joined["state_dict"], saved["reference"]["model"])
+
+
+def test_pieces_of_different_saves_or_a_missing_piece_never_join(saved, tmp_path):
+    """A rank killed mid-piece (no index) or a piece from another save leaves the checkpoint
+    incomplete."""
+    for case in ("cut short", "another save"):
+        location = str(tmp_path / case)
+        storage.copy_tree(saved["pieces"]["local"], location)
+        for name in (".metadata", sharded.META_NAME):
+            os.remove(os.path.join(location, name))
+        if case == "cut short":
+            os.remove(os.path.join(location, "__1.metadata"))
+            expected = "rank 1 wrote no piece"
+        else:
+            path = os.path.join(location, "meta.1.pt")
+            other = torch.load(path, weights_only=True)
+            other["raylight_piece_of"] = "fit@host:2 step 24"
+            torch.save(other, path)
+            expected = "the pieces are from different saves"
+        assert sharded.join_pieces(location, WORLD_SIZE).startswith(expected)
+        with pytest.raises(FileNotFoundError, match="incomplete"):
+            sharded.check_complete(location)
 
 
 def test_pytorch_lightning_reads_it(saved):

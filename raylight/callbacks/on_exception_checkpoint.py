@@ -11,19 +11,23 @@ Only the writing rank's generator states are in it, so at a world size above one
 generators start afresh on resume.
 
 Under ``strategy="fsdp"`` no rank holds the whole state, and gathering it is a collective
-that a failing rank cannot count on: the callback writes nothing there and says so; the
-run's sharded checkpoints (ModelCheckpoint, recovery) are the ones to resume from.
+that a failing rank cannot count on. Each rank that raises writes its own piece of a sharded
+checkpoint (a directory at the same path) with no collective, and the driver lets the ranks
+that do so finish before it stops the group; the rank that finds every rank's piece in, all
+from the same step, joins them into one checkpoint. So the checkpoint is complete when every
+rank raises (an error every rank meets, as Lightning's collective save needs too); when
+some rank did not, the directory stays incomplete, is never read as a checkpoint, and the error
+the driver raises says so.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 from raylight.callbacks.callback import Callback
 from raylight.rank import checkpointing
-from raylight.shared import checkpoint, storage
+from raylight.shared import checkpoint, sharded, storage
 
 
 class OnExceptionCheckpoint(Callback):
@@ -42,17 +46,11 @@ class OnExceptionCheckpoint(Callback):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if trainer.config.fsdp is not None:
-            warnings.warn(
-                "OnExceptionCheckpoint wrote nothing: under strategy='fsdp' each rank holds only "
-                "its shards, and gathering them needs every rank. Resume from the run's last "
-                "ModelCheckpoint instead.",
-                UserWarning,
-                stacklevel=2,
-            )
+            checkpointing.save_piece(trainer, self.ckpt_path)
             return
         # Written before the exception reaches the driver, which then stops the group.
         checkpoint.save(checkpointing.build(trainer, local=True), self.ckpt_path)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if trainer.is_global_zero:
-            storage.delete(self.ckpt_path)
+            sharded.delete_checkpoint(self.ckpt_path)  # a .ckpt, or FSDP's directory

@@ -58,6 +58,7 @@ class WorkerGroup:
         self._storage_proxy: Any = None
         self._storage_checked = False
         self.board: Any = None  # the Trainer's shared.board.RunBoard: stall reports arrive there
+        self.exception_saves = False  # ranks may write OnExceptionCheckpoint pieces (FSDP)
         self.held_here: dict[str, float] = {}  # what this process's other Trainers hold
         self._timeout_s = 1800.0  # the process-group timeout: the watch's outer bound
         self._next_health_check = 0.0
@@ -369,10 +370,14 @@ class WorkerGroup:
                 ray.get(ready[0])
             except ray.exceptions.RayTaskError as error:
                 failure = self._lost_peer(error, rank_of[ready[0]], pending, rank_of, what)
+                note = None if failure else self._await_exception_saves(pending, rank_of)
                 self.shutdown(force=True)
                 if failure is not None:
                     raise failure from error
-                raise _user_error(error) from None
+                user_error = _user_error(error)
+                if note is not None:
+                    user_error.add_note(note)
+                raise user_error from None
             except ray.exceptions.RayError as error:
                 rank = rank_of[ready[0]]
                 self.shutdown(force=True)
@@ -402,6 +407,36 @@ class WorkerGroup:
         if failure is not None:
             self.shutdown(force=True)
             raise failure
+
+    def _await_exception_saves(self, pending: list[Any], rank_of: dict[Any, int]) -> str | None:
+        """OnExceptionCheckpoint under FSDP: each rank that raises writes its own piece before
+        its call ends. The ranks that say so on the board within a few seconds of the first
+        error get until their calls end (at most the process-group timeout); the others may be
+        blocked in a collective that never ends, and are stopped with the group. Returns a
+        note for the error when the pieces did not make a complete checkpoint."""
+        if not self.exception_saves or self.board is None:
+            return None
+        started = time.monotonic()
+        saves: dict[int, Any] = {}
+        while time.monotonic() - started < self._timeout_s:
+            try:
+                saves = ray.get(self.board.exception_saves.remote(), timeout=_HEALTH_EVERY_S)
+            except ray.exceptions.RayError:
+                return None  # the board is gone or busy: stop the group now
+            announcing = time.monotonic() - started < _PEER_DEATH_GRACE_S
+            if not pending or (not announcing and not any(rank_of[r] in saves for r in pending)):
+                break
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=_SIGNAL_SLICE_S)
+        written = {rank: save for rank, save in saves.items() if save is not None}
+        if not written or any(save["lacking"] is None for save in written.values()):
+            return None
+        last = written[max(written)]
+        return (
+            f"OnExceptionCheckpoint: rank(s) {sorted(written)} wrote their pieces of "
+            f"{last['path']}, but {last['lacking']}, so it is incomplete and is never read as "
+            "a checkpoint (under FSDP every rank must raise for it to complete). Resume from "
+            "the run's last ModelCheckpoint instead."
+        )
 
     def _lost_peer(
         self, error: Any, rank: int, pending: list[Any], rank_of: dict[Any, int], what: str

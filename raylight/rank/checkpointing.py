@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import io
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ if TYPE_CHECKING:  # a type only: rank_trainer imports this module
 
 
 def build(trainer: RankTrainer, weights_only: bool = False, local: bool = False) -> dict[str, Any]:
-    """This rank's checkpoint; ``local`` leaves out the other ranks' generator states, whose
-    gathering is a collective that a rank handling its own exception cannot count on."""
+    """This rank's checkpoint; ``local`` runs no collective, which a rank handling its own
+    exception cannot count on: it leaves out the other ranks' generator states, and under
+    FSDP it holds this rank's shards even where checkpoints are whole."""
     module = trainer.lightning_module
     next_epoch, batches_done = trainer._resume_point
     checkpoint: dict[str, Any] = {
@@ -45,7 +47,7 @@ def build(trainer: RankTrainer, weights_only: bool = False, local: bool = False)
         "global_step": trainer.global_step,
         "pytorch-lightning_version": LIGHTNING_VERSION,
         "raylight_version": RAYLIGHT_VERSION,
-        "state_dict": trainer.strategy.model_state_dict(),
+        "state_dict": trainer.strategy.model_state_dict(shards=local),
         # Where to resume: raylight's own position, exact to the batch.
         "raylight": {
             "next_epoch": next_epoch,
@@ -72,7 +74,7 @@ def build(trainer: RankTrainer, weights_only: bool = False, local: bool = False)
         # As Lightning: only callbacks that have state get an entry.
         states = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
         checkpoint["callbacks"] = {key: state for key, state in states.items() if state}
-        checkpoint["optimizer_states"] = trainer.strategy.optimizer_state_dicts()
+        checkpoint["optimizer_states"] = trainer.strategy.optimizer_state_dicts(shards=local)
         scaler = trainer.strategy.precision.scaler
         if scaler is not None:  # Lightning's key for the AMP plugin's state
             checkpoint["MixedPrecision"] = scaler.state_dict()
@@ -135,9 +137,7 @@ def _save_sharded(
     entry, ``on_commit``) once DCP's ``.metadata`` (written after every rank's shards) and
     ``meta.pt`` are both in storage (``.metadata`` last), so a save cut short is never
     chosen."""
-    tensors = {"model": checkpoint.pop("state_dict")}
-    for index, state in enumerate(checkpoint.pop("optimizer_states", [])):
-        tensors[f"optimizer_{index}"] = state
+    tensors = _shard_entries(checkpoint)
     trainer.strategy.wait_for_save()  # a save to the same place may still be writing
     if trainer.is_global_zero:
         # An older save of this name goes first (its .metadata beside the new meta.pt would
@@ -155,6 +155,33 @@ def _save_sharded(
             on_commit()
 
     trainer._writer.after(commit)
+
+
+def save_piece(trainer: RankTrainer, filepath: str) -> str | None:
+    """OnExceptionCheckpoint under FSDP: this rank's piece of a sharded checkpoint, written
+    with no collective; the rank that finds every rank's piece in joins them. None once the
+    checkpoint is complete, else what it lacks."""
+    trainer._watch.exception_save(None)  # before the error reaches the driver
+    checkpoint = build(trainer, local=True)
+    tensors = _shard_entries(checkpoint)
+    # Pieces join only within one process group, at one step.
+    group = (
+        f"{trainer.config.run_id}@{os.environ.get('MASTER_ADDR')}:"
+        f"{os.environ.get('MASTER_PORT')} step {trainer.global_step}"
+    )
+    sharded.save_piece(filepath, trainer.global_rank, tensors, checkpoint, group)
+    lacking = sharded.join_pieces(filepath, trainer.world_size)
+    trainer._watch.exception_save({"path": storage.redact(filepath), "lacking": lacking})
+    return lacking
+
+
+def _shard_entries(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Take the weights and optimizer states out of ``checkpoint``, under the sharded
+    format's names."""
+    tensors = {"model": checkpoint.pop("state_dict")}
+    for index, state in enumerate(checkpoint.pop("optimizer_states", [])):
+        tensors[f"optimizer_{index}"] = state
+    return tensors
 
 
 # Errors that a retry cannot mend: the disk or quota is full, the location is read-only or

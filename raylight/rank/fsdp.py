@@ -179,17 +179,18 @@ class FSDPStrategy(StrategyCommon):
         """Nothing to re-arm: FSDP keeps no per-forward sync state between steps."""
 
     # ---- state dicts ---------------------------------------------------------------------------
-    def model_state_dict(self) -> dict[str, Any]:
-        """Shards (DTensors) for a sharded checkpoint; else whole CPU tensors on rank 0 (and an
-        empty dict on the others), gathered one tensor at a time."""
+    def model_state_dict(self, shards: bool = False) -> dict[str, Any]:
+        """Shards (DTensors) for a sharded checkpoint, or with ``shards`` (no collective);
+        else whole CPU tensors on rank 0 (and an empty dict on the others), gathered one
+        tensor at a time."""
         module = self._trainer.lightning_module
-        if self.sharded_checkpoints:
+        if shards or self.sharded_checkpoints:
             return get_model_state_dict(module)
         return get_model_state_dict(module, options=_FULL)
 
-    def optimizer_state_dicts(self) -> list[dict[str, Any]]:
+    def optimizer_state_dicts(self, shards: bool = False) -> list[dict[str, Any]]:
         module = self._trainer.lightning_module
-        options = None if self.sharded_checkpoints else _FULL
+        options = None if shards or self.sharded_checkpoints else _FULL
         return [
             get_optimizer_state_dict(module, optimizer, options=options)
             for optimizer in self._trainer.optimizers

@@ -247,11 +247,12 @@ class DDPStrategy(StrategyCommon):
             self._static_graph_first_reduce_done = True
 
     # ---- state dicts ---------------------------------------------------------------------------
-    def model_state_dict(self) -> dict[str, Any]:
+    def model_state_dict(self, shards: bool = False) -> dict[str, Any]:
+        """The whole weights on CPU (``shards``, each rank's own part, is FSDP's)."""
         module = self._trainer.lightning_module
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
-    def optimizer_state_dicts(self) -> list[dict[str, Any]]:
+    def optimizer_state_dicts(self, shards: bool = False) -> list[dict[str, Any]]:
         return [optimizer.state_dict() for optimizer in self._trainer.optimizers]
 
     def load_model_state_dict(

@@ -28,10 +28,13 @@ import threading
 import time
 from typing import Any
 
+import ray
+
 BATCH_FACTOR = 20.0  # a batch may take this many times the slowest one before it
 BATCH_FLOOR_S = 120.0  # ...and at least this long (or the process-group timeout, if shorter)
 HEARTBEAT_S = 5.0
 CHECK_EVERY_S = 1.0
+BOARD_WAIT_S = 5.0  # the most a rank waits for the board to take a report
 
 
 def batch_limit_s(slowest_s: float, timeout_s: float) -> float:
@@ -78,6 +81,12 @@ class StallWatch:
 
     def stop(self) -> None:
         self._stopped.set()
+
+    def exception_save(self, report: dict[str, Any] | None) -> None:
+        """OnExceptionCheckpoint under FSDP: None when this rank starts writing its piece
+        (the driver lets it finish before it stops the group), then what it wrote. Waited
+        for, so that the board has it before this rank's error reaches the driver."""
+        ray.wait([self.board.exception_save.remote(self.rank, report)], timeout=BOARD_WAIT_S)
 
     # ---- the watch thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -135,6 +144,9 @@ class _NoWatch:
         pass
 
     def end_batch(self) -> None:
+        pass
+
+    def exception_save(self, report: dict[str, Any] | None) -> None:
         pass
 
 

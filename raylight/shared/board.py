@@ -5,7 +5,9 @@ driver what it does not ask for, and the driver tells the ranks to stop.
   blocking;
 - rank 0's latest progress (``progress``), which the driver's bar reads;
 - every rank's heartbeat and stall reports (``watchdog``), which the driver reads while it
-  waits for a call.
+  waits for a call;
+- the ranks writing their piece of an ``OnExceptionCheckpoint`` under FSDP, which the driver
+  lets finish before it stops the group.
 
 The actor holds no resources (``num_cpus=0``) and is gone with the Trainer's workers.
 """
@@ -25,6 +27,7 @@ class RunBoard:
         self._progress: dict[str, Any] | None = None
         self._stalls: list[dict[str, Any]] = []
         self._beats: dict[int, float] = {}  # rank -> this actor's clock at its last beat
+        self._exception_saves: dict[int, Any] = {}  # rank -> None while writing, then its report
 
     # ---- stop flag ----------------------------------------------------------------------------
     async def set(self) -> None:  # on the actor's event loop, where the waiters are
@@ -47,6 +50,12 @@ class RunBoard:
 
     async def stalled(self, report: dict[str, Any]) -> None:
         self._stalls.append(report)
+
+    async def exception_save(self, rank: int, report: dict[str, Any] | None) -> None:
+        self._exception_saves[rank] = report
+
+    async def exception_saves(self) -> dict[int, Any]:
+        return dict(self._exception_saves)
 
     async def health(self) -> dict[str, Any]:
         """The stall reports so far, and how long each rank has been silent (in seconds,

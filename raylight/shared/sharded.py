@@ -16,6 +16,12 @@ A checkpoint is complete when both ``.metadata`` and ``meta.pt`` exist. Rank 0 w
 overwriting a checkpoint removes its ``.metadata`` first, so that while the new shards land the
 directory reads as incomplete rather than as a mix of two saves.
 
+A save on an exception (``OnExceptionCheckpoint``) cannot count on collectives: each rank that
+raises writes a piece of its own (``save_piece``: its shards, DCP's per-rank index
+``__<rank>.metadata`` and ``meta.<rank>.pt``), and whichever rank finds every rank's piece in,
+all from the same step of the same group, joins them (``join_pieces``) into ``meta.pt`` and
+``.metadata``, last: the same format, read the same way.
+
 Every file goes through ``storage``, so a sharded checkpoint lives wherever a ``.ckpt`` can:
 a local path (routed to the driver's node where this node cannot see it) or a storage URI.
 Reading loads nothing that runs code unless the caller trusts the files (``weights_only``,
@@ -42,9 +48,16 @@ from torch.distributed.checkpoint.default_planner import (
     _EmptyStateDictLoadPlanner,
 )
 from torch.distributed.checkpoint.filesystem import FileSystemBase
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 from raylight.shared import checkpoint, storage
@@ -133,6 +146,23 @@ class _Writer(FileSystemWriter):
     def storage_meta(self) -> StorageMeta | None:
         # DCP pickles this into .metadata: the location without its credentials.
         return StorageMeta(checkpoint_id=storage.redact(str(self.path)), save_id=self.save_id)
+
+
+class _PieceWriter(_Writer):
+    """One rank's shards without any collective: its data file ``__<rank>_0.distcp`` and its
+    own index ``__<rank>.metadata`` (DCP's per-rank form, ``use_collectives=False``)."""
+
+    def __init__(self, location: str, rank: int) -> None:
+        super().__init__(location)
+        self._rank = rank
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        # Without a process group DCP calls every process rank 0.
+        kwargs.update(rank=self._rank, use_collectives=False)
+        super().set_up_storage_writer(is_coordinator, *args, **kwargs)
+
+    def _metadata_exists(self) -> bool:
+        return False  # save_piece removed this rank's older piece; no overwrite warning
 
 
 class _Reader(FileSystemReader):
@@ -233,7 +263,9 @@ def load_planner(weights_only: bool | None = None) -> DefaultLoadPlanner:
 
 def is_sharded(location: str) -> bool:
     """Whether ``location`` is a sharded checkpoint's directory (complete or not)."""
-    return any(storage.exists(storage.join(location, name)) for name in (_INDEX_NAME, META_NAME))
+    if any(storage.exists(storage.join(location, name)) for name in (_INDEX_NAME, META_NAME)):
+        return True
+    return any(name.endswith(".distcp") for name in storage.list_names(location))
 
 
 def check_complete(location: str) -> None:
@@ -249,6 +281,13 @@ def check_complete(location: str) -> None:
     where = storage.redact(location)
     if len(missing) == 2 and not storage.exists(location):
         raise FileNotFoundError(f"Checkpoint at {where} not found: check the path.")
+    pieces = [name for name in storage.list_names(location) if name.startswith("meta.")]
+    if len(missing) == 2 and pieces:
+        raise FileNotFoundError(
+            f"Sharded checkpoint at {where} is incomplete: it holds the pieces of only some "
+            f"ranks ({', '.join(pieces)}): an OnExceptionCheckpoint under FSDP completes only "
+            "when every rank raised. The save was interrupted; use an earlier checkpoint."
+        )
     if len(missing) == 2:
         raise FileNotFoundError(
             f"{where} is not a sharded checkpoint: it holds neither .metadata nor {META_NAME}. "
@@ -274,6 +313,79 @@ def save_meta(location: str, meta: dict[str, Any]) -> None:
 def load_meta(location: str, weights_only: bool | None = None) -> dict[str, Any]:
     """``meta.pt``, loaded as ``checkpoint.load`` loads a ``.ckpt``."""
     return checkpoint.load(storage.join(location, META_NAME), weights_only=weights_only)
+
+
+def _piece_index(rank: int) -> str:
+    return f"__{rank}{_INDEX_NAME}"  # DCP's name for a rank's own index
+
+
+def _piece_meta(rank: int) -> str:
+    return f"meta.{rank}.pt"
+
+
+def save_piece(
+    location: str, rank: int, tensors: dict[str, Any], meta: dict[str, Any], group: str
+) -> None:
+    """Write this rank's piece of a checkpoint with no collective (the other ranks may be
+    blocked in one, or gone): ``meta`` (this rank's view: its own generator states) and its
+    shards of ``tensors``. ``group`` names the process group and step, so that pieces of
+    different saves are never joined. The checkpoint's ``.metadata`` and ``meta.pt`` go
+    first: from here until ``join_pieces`` the directory reads as incomplete."""
+    for name in (_INDEX_NAME, META_NAME, _piece_index(rank)):
+        storage.delete(storage.join(location, name))
+    checkpoint.save({**meta, "raylight_piece_of": group}, storage.join(location, _piece_meta(rank)))
+    _save_state_dict(
+        tensors, storage_writer=_PieceWriter(location, rank), no_dist=True, use_collectives=False
+    )  # its index last: a piece without one was cut short
+
+
+def join_pieces(location: str, world_size: int) -> str | None:
+    """Make ``location`` one complete checkpoint from every rank's piece, once all
+    ``world_size`` are in and from the same save; None once done, else why not (yet). Any
+    rank may call it after writing its piece: joining twice writes the same files."""
+    metas = []
+    indexes = []
+    for rank in range(world_size):
+        index = storage.join(location, _piece_index(rank))
+        if not storage.exists(index):
+            return f"rank {rank} wrote no piece"
+        metas.append(checkpoint.load(storage.join(location, _piece_meta(rank))))
+        indexes.append(_IndexUnpickler(io.BytesIO(storage.read_bytes(index))).load())
+    groups = {meta.pop("raylight_piece_of") for meta in metas}
+    if len(groups) > 1:
+        return f"the pieces are from different saves ({sorted(groups)})"
+    meta = metas[0]
+    meta["raylight"]["rng_states"] = [m["raylight"]["rng_states"][0] for m in metas]
+    save_meta(location, meta)
+    joined = _joined_index(indexes)
+    joined.storage_meta = StorageMeta(checkpoint_id=storage.redact(location))
+    storage.write_bytes(storage.join(location, _INDEX_NAME), pickle.dumps(joined))
+    return None
+
+
+def _joined_index(indexes: list[Metadata]) -> Metadata:
+    """One DCP index from the ranks' own: every distinct chunk of each tensor (a replicated
+    one once), and each non-tensor entry from the lowest rank that wrote it."""
+    entries: dict[str, Any] = {}
+    storage_data: dict[MetadataIndex, Any] = {}
+    planner_data: dict[str, Any] = {}
+    for index in indexes:
+        planner_data.update(index.planner_data or {})
+        for key, info in index.storage_data.items():
+            storage_data.setdefault(key, info)
+        for fqn, entry in index.state_dict_metadata.items():
+            known = entries.setdefault(
+                fqn,
+                entry
+                if isinstance(entry, BytesStorageMetadata)
+                else TensorStorageMetadata(entry.properties, entry.size, []),
+            )
+            if isinstance(entry, TensorStorageMetadata):
+                places = {(tuple(c.offsets), tuple(c.sizes)) for c in known.chunks}
+                known.chunks.extend(
+                    c for c in entry.chunks if (tuple(c.offsets), tuple(c.sizes)) not in places
+                )
+    return Metadata(entries, planner_data, storage_data, version=indexes[0].version)
 
 
 def read_full(location: str, weights_only: bool | None = None) -> dict[str, Any]:
