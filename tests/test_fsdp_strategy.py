@@ -99,5 +99,11 @@ def test_a_numbered_optimizer_state_is_named_by_parameter_for_fsdp():
     assert _keyed_by_name(module, optimizer, named) is named  # already named: as it is
 
     smaller = torch.optim.Adam(module[0].parameters())
-    with pytest.raises(ValueError, match="holds 4 parameters; this run's optimizer has 2"):
+    with pytest.raises(ValueError, match=r"holds 4 parameters in groups of \[4\]; this run's "):
         _keyed_by_name(module, smaller, optimizer.state_dict())
+    # The same parameters grouped otherwise: the groups' settings would land on others.
+    regrouped = torch.optim.Adam(
+        [{"params": [module[0].weight]}, {"params": [module[0].bias, *module[1].parameters()]}]
+    )
+    with pytest.raises(ValueError, match=r"has 4 in groups of \[1, 3\]"):
+        _keyed_by_name(module, regrouped, optimizer.state_dict())

@@ -311,11 +311,13 @@ def _keyed_by_name(
         return state
     names = {id(p): name for name, p in module.named_parameters()}
     ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    if len(ordered) != sum(len(group["params"]) for group in groups):
+    saved_layout = [len(group["params"]) for group in groups]
+    layout = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_layout != layout:
         raise ValueError(
-            f"The checkpoint's optimizer state holds {sum(len(g['params']) for g in groups)} "
-            f"parameters; this run's optimizer has {len(ordered)}. Resume with the "
-            "configure_optimizers the checkpoint was saved with."
+            f"The checkpoint's optimizer state holds {sum(saved_layout)} parameters in groups "
+            f"of {saved_layout}; this run's optimizer has {sum(layout)} in groups of {layout}. "
+            "Resume with the configure_optimizers the checkpoint was saved with."
         )
     return {
         "state": {ordered[i]: value for i, value in state.get("state", {}).items()},
