@@ -194,7 +194,8 @@ def test_hook_order_under_fsdp_is_lightnings(ray_session, tmp_path):
 # ---- sharded checkpoints and resume ---------------------------------------------------------------
 def _mid_epoch_checkpoint(tmp_path, num_workers=2):
     """Fit 2 epochs saving every 3 steps. Step 6 is mid-epoch: epoch 1's second batch on 2
-    workers (4 batches an epoch), epoch 0's sixth on 1 (8 batches)."""
+    workers (4 batches an epoch), epoch 0's sixth on 1 (8 batches). Returns the model and the
+    step-6 checkpoint."""
     torch.manual_seed(5)
     model = ClippedAdam()
     saver = pl.callbacks.ModelCheckpoint(
@@ -208,8 +209,15 @@ def _mid_epoch_checkpoint(tmp_path, num_workers=2):
     return model, str(checkpoint)
 
 
-def test_sharded_checkpoint_directory_and_exact_mid_epoch_resume(ray_session, tmp_path):
-    uninterrupted, checkpoint = _mid_epoch_checkpoint(tmp_path)
+@pytest.fixture(scope="module")
+def two_rank_run(ray_session, tmp_path_factory):
+    """The 2-worker run of ``_mid_epoch_checkpoint``, shared by the tests that resume from
+    it or compare with it."""
+    return _mid_epoch_checkpoint(tmp_path_factory.mktemp("two_rank_run"))
+
+
+def test_sharded_checkpoint_directory_and_exact_mid_epoch_resume(two_rank_run):
+    uninterrupted, checkpoint = two_rank_run
     assert sharded.is_sharded(checkpoint)
     sharded.check_complete(checkpoint)
     saved = sharded.read_full(checkpoint)
@@ -228,9 +236,12 @@ def test_sharded_checkpoint_directory_and_exact_mid_epoch_resume(ray_session, tm
 
 @pytest.mark.parametrize(("saved_by", "resumed_by"), [(2, 1), (1, 2)])
 def test_a_sharded_checkpoint_loads_resharded_at_another_world_size(
-    ray_session, tmp_path, saved_by, resumed_by
+    ray_session, request, tmp_path, saved_by, resumed_by
 ):
-    _, checkpoint = _mid_epoch_checkpoint(tmp_path, num_workers=saved_by)
+    if saved_by == 2:
+        _, checkpoint = request.getfixturevalue("two_rank_run")
+    else:
+        _, checkpoint = _mid_epoch_checkpoint(tmp_path, num_workers=saved_by)
     saved = sharded.read_full(checkpoint)
     model = ClippedAdam()
     # max_steps already reached: the fit restores the shards and stops at once.
@@ -474,7 +485,7 @@ class FailsMidEpoch(ClippedAdam):
 
 
 def test_on_exception_checkpoint_joins_every_ranks_shards_and_resumes_exactly(
-    ray_session, tmp_path
+    two_rank_run, tmp_path
 ):
     callback = pl.callbacks.OnExceptionCheckpoint(str(tmp_path / "crash"))
     torch.manual_seed(5)
@@ -488,9 +499,7 @@ def test_on_exception_checkpoint_joins_every_ranks_shards_and_resumes_exactly(
     assert len(saved["raylight"]["rng_states"]) == 2  # each rank's own
     assert _adam_steps(saved) == {6}
 
-    torch.manual_seed(5)
-    straight = ClippedAdam()
-    _trainer(max_epochs=2).fit(straight, loader(shuffle=True))
+    straight, _ = two_rank_run  # the same fit, uninterrupted
     resumed = ClippedAdam()
     trainer = _trainer(
         max_epochs=2, callbacks=[pl.callbacks.OnExceptionCheckpoint(str(tmp_path / "crash"))]
