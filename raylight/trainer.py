@@ -52,6 +52,7 @@ from raylight.strategies.ddp import DDPStrategy, ddp_settings
 from raylight.strategies.fsdp import FSDPStrategy, driver_weights_bytes, fsdp_settings, is_fsdp
 
 _STAGE_LOADER = {"validate": "val", "test": "test", "predict": "predict"}
+_BOARD_READ_S = 5.0  # the most the driver waits for the board's rows
 
 
 class Trainer:
@@ -606,7 +607,10 @@ class Trainer:
             "log_dir": self.log_dir,
             "position": (self.current_epoch, self.global_step, self._batches_that_stepped),
             "stop_flag": self._board if fitting else None,
-            "progress_board": self._board if fitting and self._display.enabled else None,
+            # Rank 0 posts its progress for the bar, and its rows for the loggers.
+            "progress_board": (
+                self._board if fitting and (self._display.enabled or self.loggers) else None
+            ),
         }
         job_ref = put_checked(job)
         self._warn_notices(group.setup(job_ref, stage))
@@ -667,10 +671,25 @@ class Trainer:
         for name in ("callback_metrics", "logged_metrics", "progress_bar_metrics"):
             setattr(self, name, {k: torch.tensor(v) for k, v in summary[name].items()})
         self._warn_notices(summary["notices"])
-        for step, row in summary["log_rows"]:
+        self._log_posted_rows()  # the epoch's earlier rows first
+        self._log_rows(summary["log_rows"])
+        logger_relay.replay(self.loggers, summary["logger_calls"])
+
+    def _log_posted_rows(self) -> None:
+        """Write the metric rows rank 0 posted to the board during the epoch (live logs); rows
+        not yet taken when the board is gone are the ones a restart logs again."""
+        if self._board is None or not self.loggers:
+            return
+        try:
+            rows = ray.get(self._board.take_rows.remote(), timeout=_BOARD_READ_S)
+        except ray.exceptions.RayError:  # gone with a failed group, or busy: no live rows
+            return
+        self._log_rows(rows)
+
+    def _log_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        for step, row in rows:
             for logger in self.loggers:
                 logger.log_metrics(row, step)
-        logger_relay.replay(self.loggers, summary["logger_calls"])
 
     def _report_profile(self, stage: str, started: float) -> None:
         """Trainer(profiler="simple"): the table of this call's hook timings on every rank."""

@@ -4,10 +4,12 @@ log_every_n_steps, hparams, and Lightning's choice of the default logger."""
 from __future__ import annotations
 
 import csv
+import os
+import time
 
 import pytest
 import yaml
-from models import Classifier, loader
+from models import Classifier, loader, make_dataset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import raylight as pl
@@ -156,3 +158,74 @@ def test_trainer_default_tensorboard_logger_writes_lightning_steps(ray_session, 
     )
     hparams = yaml.safe_load(open(log_dir / "hparams.yaml"))
     assert hparams == {"features": 8, "classes": 3, "lr": 0.1}
+
+
+# ---- rows during the epoch ----------------------------------------------------------------------
+class SlowSteps(Classifier):
+    """40 batches an epoch on each of 2 ranks, at least 50 ms each; rank 1 exits hard before step
+    ``die_at`` the first time (a marker file remembers)."""
+
+    def __init__(self, marker: str = "", die_at: int = -1) -> None:
+        super().__init__()
+        self.marker, self.die_at = marker, die_at
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and self.trainer.global_step == self.die_at:
+            if not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os._exit(1)
+        time.sleep(0.05)
+        return super().training_step(batch, batch_idx)
+
+
+class WatchingLogger(CSVLogger):
+    """Records, for each train_loss row, the step the driver's Trainer had reached then."""
+
+    def __init__(self, save_dir) -> None:
+        super().__init__(save_dir)
+        self.trainer = None
+        self.seen: list[tuple[int, int]] = []  # (row's step, driver's global_step)
+
+    def log_metrics(self, metrics, step=None):
+        if "train_loss" in metrics:
+            self.seen.append((step, self.trainer.global_step))
+        super().log_metrics(metrics, step)
+
+
+def _slow_fit(tmp_path, model, **kwargs) -> WatchingLogger:
+    logger = WatchingLogger(tmp_path)
+    trainer = pl.Trainer(
+        num_workers=2,
+        max_epochs=1,
+        log_every_n_steps=1,
+        logger=logger,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        **kwargs,
+    )
+    logger.trainer = trainer
+    trainer.fit(model, loader(make_dataset(n=1280)))
+    return logger
+
+
+@pytest.mark.slow
+def test_rows_reach_the_loggers_while_the_epoch_runs(ray_session, tmp_path):
+    logger = _slow_fit(tmp_path, SlowSteps(), enable_checkpointing=False)
+    assert [step for step, _ in logger.seen] == list(range(40))  # each once, in order
+    # Rows written while the driver still waited for the epoch (whose end sets the step).
+    assert sum(1 for _, driver_step in logger.seen if driver_step == 0) >= 5
+
+
+@pytest.mark.slow
+def test_rows_before_a_failure_are_kept_and_the_replayed_ones_logged_once(ray_session, tmp_path):
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=20)
+    with pytest.warns(UserWarning, match=r"restarting the workers from .*step=20\.ckpt"):
+        logger = _slow_fit(
+            tmp_path,
+            SlowSteps(str(tmp_path / "marker"), die_at=30),
+            callbacks=[saver],
+            max_failures=1,
+        )
+    assert os.path.exists(tmp_path / "marker")
+    rows = list(csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))))
+    assert [int(r["step"]) for r in rows if r["train_loss"]] == list(range(40))

@@ -12,6 +12,7 @@ import contextlib
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -80,6 +81,9 @@ def stop_on_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+ROWS_EVERY_S = 1.0  # how often the driver writes the rows rank 0 posted during an epoch
+
+
 class TrainerFit:
     """A fit's driver side, as ``controller.FitRun`` describes it."""
 
@@ -92,6 +96,7 @@ class TrainerFit:
         self.in_tune = trainer._in_tune = in_tune_trial()
         self.signal: int | None = None  # the signal that asked this fit to stop
         self._tune_checkpoint_time = 0.0  # the commit time of the newest checkpoint Tune has
+        self._rows_due = 0.0  # when on_tick next writes the rows rank 0 posted
 
     # ---- the group -----------------------------------------------------------------------------
     def start_group(self, resume: str | None, size: int) -> FitGroup:
@@ -99,6 +104,7 @@ class TrainerFit:
         return self.trainer._prepare(self.model, self.datamodule, "fit", self.loaders, resume)
 
     def stop_group(self, force: bool) -> None:
+        self.trainer._log_posted_rows()  # before the board goes with the group
         self.trainer.shutdown(force=force)
 
     def on_signal(self, signum: int) -> None:
@@ -138,9 +144,16 @@ class TrainerFit:
         return trainer.should_stop and epochs_done >= config.min_epochs
 
     def on_tick(self) -> None:
-        """Move the progress bar to rank 0's latest post on the board."""
+        """Move the progress bar to rank 0's latest post on the board; about once a second,
+        write the metric rows posted since, so the loggers follow the epoch as it runs."""
         board, display = self.trainer._board, self.trainer._display
-        if board is None or not display.enabled:
+        if board is None:
+            return
+        now = time.monotonic()
+        if now >= self._rows_due:
+            self._rows_due = now + ROWS_EVERY_S
+            self.trainer._log_posted_rows()
+        if not display.enabled:
             return
         try:
             latest = ray.get(board.latest.remote(), timeout=2)

@@ -52,7 +52,9 @@ def build(trainer: RankTrainer, weights_only: bool = False, local: bool = False)
         "raylight": {
             "next_epoch": next_epoch,
             "batches_done": batches_done,
-            "batches_that_stepped": trainer._batches_that_stepped,
+            # Counting the batch that stepped, which a resume does not run again; the "loops"
+            # entry below keeps Lightning's count (without it, as Lightning saves it).
+            "batches_that_stepped": trainer._batches_that_stepped + trainer._step_uncounted,
             "world_size": trainer.world_size,
             "rng_states": [capture_rng()] if local else _gather_rng(trainer),
         },

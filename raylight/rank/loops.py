@@ -181,6 +181,7 @@ def _train_batch(
     stepped = trainer.global_step > stepped_before
     if stepped:
         trainer._resume_point = (epoch, batch_idx + 1)  # a checkpoint resumes after this batch
+        trainer._step_uncounted = True
     last = batch_idx + 1 == num_batches
     # Lightning steps schedulers before on_train_batch_end; epoch-interval ones on the
     # epoch's last batch, before its validation; plateau ones once their metric exists.
@@ -225,6 +226,8 @@ def fit_end(trainer: RankTrainer) -> None:
 
 def epoch_summary(trainer: RankTrainer) -> dict[str, Any]:
     """What the driver needs after each epoch; rows go out once and are then dropped."""
+    if trainer._poster is not None:
+        trainer._poster.settle()
     summary = {
         "epoch": trainer.current_epoch,
         "global_step": trainer.global_step,
@@ -386,6 +389,7 @@ def _publish_step_metrics(trainer: RankTrainer, results: MetricLog, stepped: boo
     # Lightning writes a logger row every log_every_n_steps optimizer steps.
     if stepped:
         trainer._batches_that_stepped += 1
+        trainer._step_uncounted = False
         step = trainer._batches_that_stepped - 1
         every = trainer.log_every_n_steps  # 0: no step rows (barebones)
         if logged and trainer.is_global_zero and every and (step + 1) % every == 0:

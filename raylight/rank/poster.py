@@ -1,6 +1,7 @@
-"""Rank 0's side of the driver's progress bar: it posts its position to the run's board
-(``shared.board.RunBoard``) a few times a second, without waiting for an answer. The other ranks
-post nothing, and no collective is involved. The driver's side is ``driver.display``.
+"""Rank 0's side of the driver's progress bar and live logs: it posts its position, and the
+metric rows logged since its last post, to the run's board (``shared.board.RunBoard``) a few
+times a second, without waiting for an answer. The other ranks post nothing, and no
+collective is involved. The driver's side is ``driver.display`` and ``TrainerFit.on_tick``.
 """
 
 from __future__ import annotations
@@ -8,7 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import ray
+
 POSTS_PER_SECOND = 5.0
+SETTLE_S = 5.0  # the most the epoch's end waits for the last post to reach the board
 
 
 class Poster:
@@ -19,6 +23,7 @@ class Poster:
         self._last = 0.0
         self._samples = 0
         self._epoch_started = time.monotonic()
+        self._posted: Any = None  # the last post, until the board has it
 
     def start_epoch(self) -> None:
         self._samples, self._epoch_started = 0, time.monotonic()
@@ -31,7 +36,9 @@ class Poster:
         metrics = {k: float(v) for k, v in trainer.progress_bar_metrics.items()}
         self._last = now
         elapsed = max(now - self._epoch_started, 1e-9)
-        self._board.post.remote(
+        rows = list(trainer._log_rows)  # the driver logs them now, not at the epoch's end
+        trainer._log_rows.clear()
+        self._posted = self._board.post.remote(
             {
                 "epoch": trainer.current_epoch,
                 "batch": batch_idx + 1,
@@ -39,8 +46,16 @@ class Poster:
                 "step": trainer.global_step,
                 "samples_per_s": self._samples / elapsed,
                 "metrics": metrics,
-            }
+            },
+            rows,
         )
+
+    def settle(self) -> None:
+        """Wait (boundedly) until the board has the last post: the driver reads the rows
+        posted during the epoch before the epoch's own, which must not overtake them."""
+        if self._posted is not None:
+            ray.wait([self._posted], timeout=SETTLE_S)
+            self._posted = None
 
 
 def _batch_size(batch: Any) -> int:

@@ -123,6 +123,9 @@ class RankTrainer:
         # Batches that ran an optimizer step, over the whole fit: the logger's step axis
         # (Lightning's fit_loop.epoch_loop._batches_that_stepped).
         self._batches_that_stepped = 0
+        # The batch stepped and its count is not in _batches_that_stepped yet (Lightning adds
+        # it after on_train_batch_end): a checkpoint taken meanwhile resumes counting past it.
+        self._step_uncounted = False
         self.should_stop = False
         # Where a checkpoint taken now resumes: (epoch, batches of it done through the
         # latest optimizer step); (next epoch, 0) once an epoch ran all of its batches.

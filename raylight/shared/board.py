@@ -3,7 +3,8 @@ driver what it does not ask for, and the driver tells the ranks to stop.
 
 - the stop flag (``preemption``): the driver sets it once; ranks poll ``wait`` without
   blocking;
-- rank 0's latest progress (``progress``), which the driver's bar reads;
+- rank 0's latest progress (``progress``), which the driver's bar reads, and the metric rows
+  rank 0 logged since its last post, which the driver writes to its loggers during the epoch;
 - every rank's heartbeat and stall reports (``watchdog``), which the driver reads while it
   waits for a call;
 - the ranks writing their piece of an ``OnExceptionCheckpoint`` under FSDP, which the driver
@@ -25,6 +26,7 @@ class RunBoard:
     def __init__(self) -> None:
         self._stop = asyncio.Event()
         self._progress: dict[str, Any] | None = None
+        self._rows: list[tuple[int, dict[str, float]]] = []  # (step, row), until taken
         self._stalls: list[dict[str, Any]] = []
         self._beats: dict[int, float] = {}  # rank -> this actor's clock at its last beat
         self._exception_saves: dict[int, Any] = {}  # rank -> None while writing, then its report
@@ -38,8 +40,13 @@ class RunBoard:
         return True
 
     # ---- progress -----------------------------------------------------------------------------
-    async def post(self, progress: dict[str, Any]) -> None:
+    async def post(self, progress: dict[str, Any], rows: list[Any] | None = None) -> None:
         self._progress = progress
+        self._rows.extend(rows or [])
+
+    async def take_rows(self) -> list[tuple[int, dict[str, float]]]:
+        rows, self._rows = self._rows, []
+        return rows
 
     async def latest(self) -> dict[str, Any] | None:
         return self._progress
