@@ -59,6 +59,14 @@ def _in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Keep each phase's report on the test, for ``hygiene`` to read."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture(autouse=True)
 def hygiene(request):
     """Each test leaves no process group, rank variables or live workers behind."""
@@ -87,7 +95,9 @@ def hygiene(request):
             for obj in gc.get_objects():
                 if type(obj) is raylight.Trainer:
                     obj.shutdown()
-        assert free, (
+        # A failed test's Trainer lives on in its traceback: its failure is the one to read.
+        call = getattr(request.node, "report_call", None)
+        assert free or (call is not None and call.failed), (
             f"workers outlived the test: {ray.available_resources().get('CPU')} of "
             f"{ray.cluster_resources().get('CPU')} CPUs free"
         )
