@@ -199,3 +199,21 @@ def test_the_driver_stops_the_group_when_the_board_reports_a_stall(ray_session):
         checks_until(10)
     assert info.value.rank == 1 and not group.actors  # the group was stopped
     ray.kill(board)
+
+
+def test_exception_save_reports_are_taken_once_so_a_later_failure_never_waits_on_them():
+    import asyncio
+
+    from raylight.shared.board import RunBoard
+
+    async def reports():
+        board = RunBoard()
+        await board.exception_save(0, None)
+        await board.exception_save(1, {"path": "p", "lacking": None})
+        seen = await board.exception_saves()
+        taken = await board.exception_saves(take=True)
+        return seen, taken, await board.exception_saves()
+
+    seen, taken, later = asyncio.run(reports())
+    assert seen == taken == {0: None, 1: {"path": "p", "lacking": None}}
+    assert later == {}

@@ -418,13 +418,16 @@ class WorkerGroup:
             return None
         started = time.monotonic()
         saves: dict[int, Any] = {}
-        while time.monotonic() - started < self._timeout_s:
-            try:
-                saves = ray.get(self.board.exception_saves.remote(), timeout=_HEALTH_EVERY_S)
+        while True:
+            announcing = time.monotonic() - started < _PEER_DEATH_GRACE_S
+            waiting = any(rank_of[r] in saves for r in pending)
+            done = not pending or (not announcing and not waiting)
+            done = done or time.monotonic() - started >= self._timeout_s
+            try:  # the last read takes the reports off the board
+                saves = ray.get(self.board.exception_saves.remote(done), timeout=_HEALTH_EVERY_S)
             except ray.exceptions.RayError:
                 return None  # the board is gone or busy: stop the group now
-            announcing = time.monotonic() - started < _PEER_DEATH_GRACE_S
-            if not pending or (not announcing and not any(rank_of[r] in saves for r in pending)):
+            if done:
                 break
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=_SIGNAL_SLICE_S)
         written = {rank: save for rank, save in saves.items() if save is not None}

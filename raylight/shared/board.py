@@ -61,8 +61,13 @@ class RunBoard:
     async def exception_save(self, rank: int, report: dict[str, Any] | None) -> None:
         self._exception_saves[rank] = report
 
-    async def exception_saves(self) -> dict[int, Any]:
-        return dict(self._exception_saves)
+    async def exception_saves(self, take: bool = False) -> dict[int, Any]:
+        """The reports so far; ``take`` also forgets them, so that a later failure of the
+        same Trainer (a restarted group, the next fit) never waits on these."""
+        saves = dict(self._exception_saves)
+        if take:
+            self._exception_saves.clear()
+        return saves
 
     async def health(self) -> dict[str, Any]:
         """The stall reports so far, and how long each rank has been silent (in seconds,
